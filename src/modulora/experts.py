@@ -1,0 +1,107 @@
+"""Stacked LoRA experts of one adapted layer.
+
+Each expert ``i`` is a pair ``A_i`` (r_i x d_in), ``B_i`` (d_out x r_i) with scale
+``alpha_i / r_i``. The experts are kept as separate parameters, so a stage can
+freeze some of them and ``add`` leaves the others bit-identical, and are
+concatenated into ``A_all`` (sum r_i x d_in) / ``B_all`` (d_out x sum r_i) for the
+forward pass: two matmuls whatever the number of experts (ARCHITECTURE.md).
+The concatenation copies a few thousand numbers, negligible next to ``x @ A_all^T``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Stacked:
+    """The selected experts of a bank, ready for the fused forward.
+
+    Attributes:
+        A: (R, d_in) rows of the selected experts' A, concatenated.
+        B: (d_out, R) columns of their B.
+        segment: (R,) long, the position (0..E_sel-1) of the expert owning each rank row.
+        scale: (E_sel,) alpha_i / r_i.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    segment: torch.Tensor
+    scale: torch.Tensor
+
+    def expand(self, weights: torch.Tensor | None) -> torch.Tensor:
+        """Per-rank-row coefficient (..., R) from per-expert gate weights (..., E_sel)."""
+        coef = self.scale if weights is None else weights * self.scale
+        return coef[..., self.segment]
+
+
+class ExpertBank(nn.Module):
+    """LoRA experts that read the same input, stored per expert, used stacked."""
+
+    def __init__(self, d_in: int, d_out: int, device=None, dtype=torch.float32) -> None:
+        super().__init__()
+        self.d_in, self.d_out = d_in, d_out
+        self.A = nn.ParameterList()
+        self.B = nn.ParameterList()
+        self.names: list[str] = []
+        self.ranks: list[int] = []
+        self.alphas: list[float] = []
+        self._factory = {"device": device, "dtype": dtype}
+        self._cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def index(self, name: str) -> int:
+        return self.names.index(name)
+
+    def add(self, name: str, rank: int, alpha: float) -> None:
+        """Append an expert: ``A`` Kaiming-uniform as in PEFT, ``B`` zero, so it starts a no-op."""
+        if name in self.names:
+            raise ValueError(f"expert {name!r} already exists in this layer")
+        a = torch.empty(rank, self.d_in, **self._factory)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.A.append(nn.Parameter(a))
+        self.B.append(nn.Parameter(torch.zeros(self.d_out, rank, **self._factory)))
+        self.names.append(name)
+        self.ranks.append(rank)
+        self.alphas.append(alpha)
+        self._cache.clear()
+
+    def _index_tensors(self, sel: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
+        # segment and scale depend only on which experts are selected: cache them
+        # so the hot path builds no small tensors from Python lists.
+        hit = self._cache.get(sel)
+        if hit is None or hit[0].device != device:
+            segment = torch.cat(
+                [torch.full((self.ranks[i],), j, dtype=torch.long) for j, i in enumerate(sel)]
+            ).to(device)
+            scale = torch.tensor(
+                [self.alphas[i] / self.ranks[i] for i in sel], dtype=self._factory["dtype"]
+            ).to(device)
+            hit = self._cache[sel] = (segment, scale)
+        return hit
+
+    def stacked(self, select: tuple[int, ...] | None = None) -> Stacked:
+        """Concatenate the selected experts (all by default) for one fused forward."""
+        sel = tuple(range(len(self.names))) if select is None else select
+        if len(sel) == 1:
+            A, B = self.A[sel[0]], self.B[sel[0]]
+        else:
+            A = torch.cat([self.A[i] for i in sel], dim=0)
+            B = torch.cat([self.B[i] for i in sel], dim=1)
+        segment, scale = self._index_tensors(sel, A.device)
+        return Stacked(A, B, segment, scale.to(A.dtype))
+
+    def expert_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        i = self.index(name)
+        return {"A": self.A[i], "B": self.B[i]}
+
+    def set_trainable(self, names: set[str]) -> None:
+        for i, name in enumerate(self.names):
+            self.A[i].requires_grad_(name in names)
+            self.B[i].requires_grad_(name in names)
