@@ -74,7 +74,10 @@ def router_state(model: MixtureModel) -> dict[str, torch.Tensor]:
     out = {}
     shared = model.modulora_shared_gate
     for lname, layer in model.layers.items():
-        modules = {"router": layer.modulora_router, "fusion": getattr(layer, "modulora_fusion", None)}
+        modules = {
+            "router": layer.modulora_router,
+            "fusion": getattr(layer, "modulora_fusion", None),
+        }
         for label, module in modules.items():
             if module is None or module is shared:
                 continue
@@ -91,7 +94,10 @@ def base_io_state(model: MixtureModel) -> dict[str, torch.Tensor]:
     """Input embeddings and LM head (saved only when MoE-CT trains them)."""
     out, seen = {}, set()
     base = model.base_model
-    for label, module in (("input", base.get_input_embeddings()), ("output", base.get_output_embeddings())):
+    for label, module in (
+        ("input", base.get_input_embeddings()),
+        ("output", base.get_output_embeddings()),
+    ):
         if module is not None and id(module.weight) not in seen:  # tied weights: once
             seen.add(id(module.weight))
             out[f"{label}.weight"] = module.weight
@@ -136,8 +142,15 @@ def save(model: MixtureModel, directory: str | Path) -> None:
     for spec in layout.all_experts():
         _save_tensors(model.expert_state(spec.name), root / _file_name(spec.name))
         experts.append(
-            {"name": spec.name, "role": spec.role, "rank": spec.rank, "alpha": spec.alpha,
-             "task": spec.task, "file": _file_name(spec.name), "targets": list(model.layers)}
+            {
+                "name": spec.name,
+                "role": spec.role,
+                "rank": spec.rank,
+                "alpha": spec.alpha,
+                "task": spec.task,
+                "file": _file_name(spec.name),
+                "targets": list(model.layers),
+            }
         )
     routers = router_state(model)
     _save_tensors(routers, root / "router.safetensors")
@@ -230,7 +243,9 @@ def _copy_into(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor],
         raise ValueError(f"{what}: missing keys {missing[:5]}, unexpected keys {extra[:5]}")
     for k, t in target.items():
         if tuple(t.shape) != tuple(source[k].shape):
-            raise ValueError(f"{what}: {k} has shape {tuple(source[k].shape)}, expected {tuple(t.shape)}")
+            raise ValueError(
+                f"{what}: {k} has shape {tuple(source[k].shape)}, expected {tuple(t.shape)}"
+            )
     with torch.no_grad():
         for k, t in target.items():
             t.copy_(source[k].to(t.dtype))
@@ -252,7 +267,9 @@ def load(model: nn.Module, directory: str | Path, strict: bool = True) -> Mixtur
     check_base(model, manifest, root, strict)
     files = {e["name"]: _read_tensors(root, e["file"]) for e in manifest["experts"]}
     routers = _read_tensors(root, manifest["router_file"])
-    base_io = _read_tensors(root, manifest["base_io_file"]) if manifest.get("base_io_file") else None
+    base_io = (
+        _read_tensors(root, manifest["base_io_file"]) if manifest.get("base_io_file") else None
+    )
     mixture = MixtureModel(model, cfg)
     try:
         if sorted(files) != sorted(mixture.expert_names()):

@@ -129,7 +129,7 @@ class MixtureConfig:
             if task not in self.tasks:
                 raise ValueError(f"task_ranks names {task!r}, which is not in tasks {self.tasks}")
             _positive(f"task_ranks[{task!r}]", r)
-        if self.top_k is not None and not 1 <= self.top_k:
+        if self.top_k is not None and not self.top_k >= 1:
             raise ValueError(f"top_k must be None or >= 1, got {self.top_k}")
         if self.alpha is not None and self.alpha <= 0:
             raise ValueError(f"alpha must be positive, got {self.alpha}")
@@ -141,20 +141,25 @@ class MixtureConfig:
             if not self.target_modules:
                 raise ValueError("target_modules is an empty list")
         if self.moe_ct_experts not in ("lora", "copy"):
-            raise ValueError(f"moe_ct_experts must be 'lora' or 'copy', got {self.moe_ct_experts!r}")
+            raise ValueError(
+                f"moe_ct_experts must be 'lora' or 'copy', got {self.moe_ct_experts!r}"
+            )
         if self.fusion not in ("fixed", "scalar", "token"):
             raise ValueError(f"fusion must be 'fixed', 'scalar' or 'token', got {self.fusion!r}")
         if not 0.0 < self.fusion_share < 1.0:
             raise ValueError(f"fusion_share must be in (0, 1), got {self.fusion_share}")
         if self.knowledge_experts is not None and not 0 < self.knowledge_experts < self.num_experts:
             raise ValueError(
-                f"knowledge_experts must be in 1..{self.num_experts - 1}, got {self.knowledge_experts}"
+                f"knowledge_experts must be in 1..{self.num_experts - 1}, "
+                f"got {self.knowledge_experts}"
             )
         unknown = [t for t in self.knowledge_tasks if t not in self.tasks]
         if unknown:
             raise ValueError(f"knowledge_tasks {unknown} are not in tasks {self.tasks}")
         if self.train_embeddings and self.method != "moe-ct":
-            raise ValueError("train_embeddings is a MoE-CT option; other methods keep the base frozen")
+            raise ValueError(
+                "train_embeddings is a MoE-CT option; other methods keep the base frozen"
+            )
 
     def task_rank(self, task: str) -> int:
         """Rank of the domain/task-specific expert of ``task``."""

@@ -27,12 +27,31 @@ class Route:
         knowledge: (B,) bool, LoRAMoE sample type (world-knowledge rows), or None.
         uniform_task: the task index when every row has the same task, so
             task-selected experts can skip the others' work.
+        cache: per-forward memo for gates shared by many layers (e.g. which
+            experts a batch's tasks may use), so that work is done once.
     """
 
     task_ids: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
     knowledge: torch.Tensor | None = None
     uniform_task: int | None = None
+    cache: dict = field(default_factory=dict)
+
+    def used_experts(self, allowed: torch.Tensor) -> tuple[int, ...]:
+        """Experts that some row's task may use, given an (n_tasks, E) bool table.
+
+        Experts no row can use are skipped, so adding a task never changes the
+        computation (and so the outputs, bit for bit) of batches of old tasks.
+        """
+        key = ("used", allowed.data_ptr(), tuple(allowed.shape))
+        if key not in self.cache:
+            rows = (
+                allowed[self.task_ids]
+                if self.uniform_task is None
+                else allowed[self.uniform_task][None]
+            )
+            self.cache[key] = tuple(rows.any(dim=0).nonzero().flatten().tolist())
+        return self.cache[key]
 
 
 @dataclass
@@ -197,7 +216,11 @@ class LoramoeBalance(nn.Module):
         rows, num_experts = q.shape
         is_knowledge_expert = torch.arange(num_experts, device=q.device) < self.n_knowledge
         knowledge = torch.zeros(rows, dtype=torch.bool, device=q.device)
-        if route is not None and route.knowledge is not None and w.shape[0] == route.knowledge.numel():
+        if (
+            route is not None
+            and route.knowledge is not None
+            and w.shape[0] == route.knowledge.numel()
+        ):
             knowledge = route.knowledge.to(q.device)
         match = knowledge[:, None] == is_knowledge_expert[None, :]  # (B, E)
         importance = torch.where(match, 1.0 + self.delta, 1.0 - self.delta).to(q.dtype) * q
@@ -247,10 +270,11 @@ class TaskGate(nn.Module):
     def forward(self, x: torch.Tensor, route: Route | None) -> GateOut:
         if route is None or route.task_ids is None:
             raise ValueError("a task-gated layer needs task ids (pass task=...)")
+        select = route.used_experts(self.allowed)
         emb = torch.stack(list(self.emb))[route.task_ids]  # (B, D)
-        logits = emb @ torch.stack(list(self.rows)).T  # (B, E)
-        logits = logits.masked_fill(~self.allowed[route.task_ids], float("-inf"))
-        return GateOut(weights=per_row(logits.softmax(dim=-1), x))
+        logits = emb @ torch.stack([self.rows[i] for i in select]).T  # (B, E_sel)
+        logits = logits.masked_fill(~self.allowed[route.task_ids][:, select], float("-inf"))
+        return GateOut(select=select, weights=per_row(logits.softmax(dim=-1), x))
 
 
 class TaskSelect(nn.Module):
@@ -258,16 +282,20 @@ class TaskSelect(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.expert_of_task: list[int] = []
+        self.register_buffer("allowed", torch.ones(0, 0, dtype=torch.bool), persistent=False)
 
     def grow(self, expert_of_task: list[int]) -> None:
         self.expert_of_task = list(expert_of_task)
+        n = len(expert_of_task)
+        eye = torch.zeros(n, n, dtype=torch.bool)
+        eye[torch.arange(n), torch.tensor(expert_of_task)] = True
+        self.allowed = eye.to(self.allowed.device)
 
     def forward(self, x: torch.Tensor, route: Route | None) -> GateOut:
         if route is None or route.task_ids is None:
             raise ValueError("multi-lora layers need task ids (pass task=...)")
-        if route.uniform_task is not None:
-            return GateOut(select=(self.expert_of_task[route.uniform_task],))
-        table = torch.tensor(self.expert_of_task, device=route.task_ids.device)
-        onehot = F.one_hot(table[route.task_ids], len(self.expert_of_task)).to(x.dtype)
-        return GateOut(weights=per_row(onehot, x))
+        select = route.used_experts(self.allowed)
+        if len(select) == 1:
+            return GateOut(select=select)
+        onehot = self.allowed[route.task_ids][:, select].to(x.dtype)  # (B, E_sel)
+        return GateOut(select=select, weights=per_row(onehot, x))

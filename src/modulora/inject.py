@@ -57,9 +57,11 @@ def find_targets(model: nn.Module, target_modules: str | list[str], kind: str) -
         ]
         if kind == "ffn-linear":
             candidates = [n for n in candidates if any(n.startswith(f + ".") for f in ffn_names)]
-    chosen = candidates if target_modules == "all-linear" else [
-        n for n in candidates if _matches(n, list(target_modules))
-    ]
+    chosen = (
+        candidates
+        if target_modules == "all-linear"
+        else [n for n in candidates if _matches(n, list(target_modules))]
+    )
     if not chosen:
         shown = sorted({n.rsplit(".", 1)[-1] for n in candidates})
         raise ValueError(
@@ -76,7 +78,9 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def hidden_size(model: nn.Module) -> int:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = (
+        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    )
     for key in ("hidden_size", "n_embd", "d_model"):
         if getattr(cfg, key, None):
             return int(getattr(cfg, key))

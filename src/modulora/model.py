@@ -53,7 +53,9 @@ class MixtureModel(nn.Module):
         for p in base_model.parameters():
             p.requires_grad_(False)
         layout = self.method.layout(config)
-        kind = {"ffn-fusion": "ffn"}.get(layout.topology, "ffn-linear" if layout.ffn_only else "linear")
+        kind = {"ffn-fusion": "ffn"}.get(
+            layout.topology, "ffn-linear" if layout.ffn_only else "linear"
+        )
         names = find_targets(base_model, config.target_modules, kind)
         self.layers: dict[str, MixtureLinear | MoEFFN] = {}
         for name in names:
@@ -116,7 +118,9 @@ class MixtureModel(nn.Module):
                 for spec in specs[len(bank) :]:
                     bank.add(spec.name, spec.rank, spec.alpha)
                 if bank.names != [s.name for s in specs]:
-                    raise RuntimeError(f"layer experts {bank.names} do not match the method's layout")
+                    raise RuntimeError(
+                        f"layer experts {bank.names} do not match the method's layout"
+                    )
             self._sync_router(layer, layout, owners)
 
     def _sync_router(self, layer: MixtureLinear, layout: Layout, owners: list[int | None]) -> None:
@@ -131,7 +135,9 @@ class MixtureModel(nn.Module):
                 router.grow(n - router.num_experts)
         elif layout.router == "task":
             if router is None:
-                router = layer.modulora_router = TaskGate(self.mixture_config.gate_dim, self._device())
+                router = layer.modulora_router = TaskGate(
+                    self.mixture_config.gate_dim, self._device()
+                )
             router.grow(len(self.mixture_config.tasks), owners)
         elif layout.router == "task-shared":
             layer.modulora_router = self.modulora_shared_gate
@@ -216,7 +222,9 @@ class MixtureModel(nn.Module):
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}; known tasks: {cfg.tasks}")
         if plan.task is not None and any(t != plan.task for t in names):
-            raise ValueError(f"stage {plan.name!r} trains on task {plan.task!r} only, got {sorted(set(names))}")
+            raise ValueError(
+                f"stage {plan.name!r} trains on task {plan.task!r} only, got {sorted(set(names))}"
+            )
         ids = torch.tensor([cfg.tasks.index(t) for t in names], device=device)
         knowledge = torch.tensor([t in cfg.knowledge_tasks for t in names], device=device)
         uniform = ids[0].item() if len(set(names)) == 1 else None
@@ -253,7 +261,9 @@ class MixtureModel(nn.Module):
             route.task_ids = route.task_ids.repeat_interleave(expand)
             route.knowledge = route.knowledge.repeat_interleave(expand)
         with routing(list(self.layers.values()), route):
-            out = self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            out = self.base_model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, **kwargs
+            )
         self._collect_aux()
         return out
 
@@ -278,7 +288,8 @@ class MixtureModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         total = sum(p.numel() for p in self.parameters())
         n = self.trainable_parameters()
-        print(f"stage {self.stage}: trainable params {n:,} || all params {total:,} || {100 * n / total:.4f}%")
+        share = 100 * n / total
+        print(f"stage {self.stage}: trainable params {n:,} || all params {total:,} || {share:.4f}%")
 
     def expert_names(self) -> list[str]:
         return [e.name for e in self.method.layout(self.mixture_config).all_experts()]

@@ -100,7 +100,8 @@ class ExpertFFNLinear(nn.Module):
                 return y.unflatten(-1, (K, self.d_out))  # (..., K, d_out)
             y = torch.einsum("...kd,kod->...ko", x, self.weight)
             return y if self.bias is None else y + self.bias
-        y = self.base_layer(x)  # (..., 1|K, d_out): the frozen W0 broadcasts over experts
+        # (..., 1|K, d_out): the frozen W0 broadcasts over experts (Conv1D needs contiguous)
+        y = self.base_layer(x.contiguous())
         xa = x.to(self.A.dtype)
         if shared_input:
             u = F.linear(xa.squeeze(-2), self.A.reshape(-1, self.d_in)).unflatten(-1, (K, -1))
@@ -166,7 +167,9 @@ class MoEFFN(nn.Module):
         self.aux: dict[str, torch.Tensor] = {}
 
     def expert_linears(self) -> list[tuple[str, ExpertFFNLinear]]:
-        return [(n, m) for n, m in self.modulora_ffn.named_modules() if isinstance(m, ExpertFFNLinear)]
+        return [
+            (n, m) for n, m in self.modulora_ffn.named_modules() if isinstance(m, ExpertFFNLinear)
+        ]
 
     @property
     def num_experts(self) -> int:

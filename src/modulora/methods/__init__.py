@@ -5,8 +5,8 @@ from __future__ import annotations
 from .base import ExpertSpec, Layout, Method, StagePlan
 from .baselines import LORA, LORAMOE, MOELORA, MOLORA, MULTI_LORA
 from .cgc import CGC_LORA
-from .moe_ct import MOE_CT
 from .modula import MODULA_FLAN, MODULA_RES
+from .moe_ct import MOE_CT
 
 REGISTRY: dict[str, Method] = {
     m.name: m

@@ -116,7 +116,9 @@ def unknown_stage(cfg: MixtureConfig, name: str, valid: list[str]) -> ValueError
     )
 
 
-def joint_stage(layout: Callable[[MixtureConfig], Layout]) -> Callable[[MixtureConfig, str], StagePlan]:
+def joint_stage(
+    layout: Callable[[MixtureConfig], Layout],
+) -> Callable[[MixtureConfig, str], StagePlan]:
     """The stage function of a method with one joint stage training everything."""
 
     def stage(cfg: MixtureConfig, name: str) -> StagePlan:
@@ -156,7 +158,9 @@ def expert_list(prefix: str, count: int, rank: int, cfg: MixtureConfig) -> list[
     return [ExpertSpec(f"{prefix}:{i}", rank, cfg.alpha_for(rank)) for i in range(count)]
 
 
-def task_experts(prefix: str, cfg: MixtureConfig, default_rank: int | None = None) -> list[ExpertSpec]:
+def task_experts(
+    prefix: str, cfg: MixtureConfig, default_rank: int | None = None
+) -> list[ExpertSpec]:
     """One expert per task named ``prefix:<task>``; rank from ``task_ranks`` or the default."""
     specs = []
     for task in cfg.tasks:

@@ -20,7 +20,6 @@ from .base import (
     unknown_stage,
 )
 
-
 # --- plain LoRA: y = W0 x + E(x), one expert for everything ---------------------------
 
 

@@ -12,7 +12,16 @@ only on the task, a task's update folds into one matrix (mergeable).
 from __future__ import annotations
 
 from ..config import MixtureConfig
-from .base import Layout, Method, StagePlan, domain_task, expert_list, grown, task_experts, unknown_stage
+from .base import (
+    Layout,
+    Method,
+    StagePlan,
+    domain_task,
+    expert_list,
+    grown,
+    task_experts,
+    unknown_stage,
+)
 from .baselines import split_rank
 
 

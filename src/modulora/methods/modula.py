@@ -17,7 +17,16 @@ stage                   Flan forward                     Res forward
 from __future__ import annotations
 
 from ..config import MixtureConfig
-from .base import ExpertSpec, Layout, Method, StagePlan, domain_task, grown, task_experts, unknown_stage
+from .base import (
+    ExpertSpec,
+    Layout,
+    Method,
+    StagePlan,
+    domain_task,
+    grown,
+    task_experts,
+    unknown_stage,
+)
 
 
 def _universal(cfg: MixtureConfig) -> ExpertSpec:

@@ -1,0 +1,98 @@
+"""Tiny random models of four families, built from configs in code (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    LlamaConfig,
+    Qwen2Config,
+)
+
+import modulora
+
+VOCAB = 97
+TASKS = ["math", "med", "code"]
+
+
+def _config(family: str):
+    common = {"vocab_size": VOCAB}
+    if family == "llama":
+        return LlamaConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
+        )
+    if family == "qwen2":
+        return Qwen2Config(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
+        )
+    if family == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common)
+    if family == "gemma3":
+        return Gemma3TextConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            sliding_window=16,
+            **common,
+        )
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "qwen2", "gpt2", "gemma3"]
+
+
+def tiny_model(family: str = "llama", seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = _config(family)
+    # Gemma3's auto class maps to the multimodal model; take the text-only class
+    model = Gemma3ForCausalLM(cfg) if family == "gemma3" else AutoModelForCausalLM.from_config(cfg)
+    # GPT-2 and others use dropout; evaluation mode keeps forward passes deterministic
+    return model.eval().float()
+
+
+def method_config(method: str, **overrides) -> modulora.MixtureConfig:
+    kw = {"method": method, "tasks": list(TASKS), "rank": 4, "universal_rank": 6, "num_experts": 3}
+    if method == "cgc-lora":
+        kw["num_experts"] = 2
+    if method == "loramoe":
+        kw["knowledge_tasks"] = ["math"]
+    kw.update(overrides)
+    return modulora.MixtureConfig(**kw)
+
+
+def batch(rows: int = 3, length: int = 6, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (rows, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[-1, :2] = 0  # left padding on one row
+    return ids, mask
+
+
+def randomize_adapters(model: modulora.MixtureModel, seed: int = 2, scale: float = 0.3) -> None:
+    """Give every adapter tensor random values, as if trained (B is zero at init)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.adapter_parameters().values():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
