@@ -19,48 +19,28 @@ VOCAB = 97
 TASKS = ["math", "med", "code"]
 
 
-def _config(family: str):
-    common = {"vocab_size": VOCAB}
-    if family == "llama":
-        return LlamaConfig(
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            **common,
-        )
-    if family == "qwen2":
-        return Qwen2Config(
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            **common,
-        )
+def _config(family: str, hidden: int = 32):
     if family == "gpt2":
-        return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common)
+        return GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=2, n_head=4, n_positions=64)
+    decoder = {
+        "vocab_size": VOCAB,
+        "hidden_size": hidden,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
     if family == "gemma3":
-        return Gemma3TextConfig(
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            sliding_window=16,
-            **common,
-        )
-    raise ValueError(family)
+        return Gemma3TextConfig(head_dim=8, sliding_window=16, **decoder)
+    return {"llama": LlamaConfig, "qwen2": Qwen2Config}[family](**decoder)
 
 
 FAMILIES = ["llama", "qwen2", "gpt2", "gemma3"]
 
 
-def tiny_model(family: str = "llama", seed: int = 0):
+def tiny_model(family: str = "llama", seed: int = 0, hidden: int = 32):
     torch.manual_seed(seed)
-    cfg = _config(family)
+    cfg = _config(family, hidden)
     # Gemma3's auto class maps to the multimodal model; take the text-only class
     model = Gemma3ForCausalLM(cfg) if family == "gemma3" else AutoModelForCausalLM.from_config(cfg)
     # GPT-2 and others use dropout; evaluation mode keeps forward passes deterministic

@@ -68,19 +68,8 @@ def test_loading_onto_another_architecture_raises(family, tmp_path):
 
 
 def test_loading_onto_other_shapes_raises(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     modulora.attach(tiny_model("llama"), method_config("lora")).save_pretrained(tmp_path)
-    wide = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=97,
-            hidden_size=64,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
+    wide = tiny_model("llama", hidden=64)
     with pytest.raises(ValueError, match="hidden size 32"):
         modulora.load(wide, tmp_path)
 
