@@ -136,3 +136,21 @@ def test_print_trainable_parameters(capsys):
     assert model.trainable_parameters() == sum(
         p.numel() for n, p in model.named_parameters() if "modulora_universal" in n
     )
+
+
+@pytest.mark.parametrize("method", ["cgc-lora", "modula-res", "moe-ct"])
+def test_gradient_checkpointing_gives_the_same_gradients(method):
+    grads = []
+    for checkpointing in (False, True):
+        model = modulora.attach(tiny_model(), method_config(method))
+        randomize_adapters(model)
+        model.set_stage("router" if method == "modula-res" else "joint")
+        if checkpointing:
+            model.base_model.gradient_checkpointing_enable()
+        model.train()
+        ids, mask = batch()
+        model(input_ids=ids, attention_mask=mask, labels=ids, task=list(TASKS)).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5)

@@ -93,10 +93,13 @@ def routing(layers: list[nn.Module], route: Route) -> Iterator[None]:
 
     Forward pre-hooks add the ``route`` keyword and are removed in ``finally``, so
     the base model's own ``forward`` is never overwritten (as PEFT's poly tuner).
+    Each layer also keeps the route of its last call, for gradient checkpointing,
+    which runs the forward again inside backward, after the hooks are gone
+    (see ``layers.route_for``).
     """
 
     def hook(module, args, kwargs):
-        kwargs["route"] = route
+        kwargs["route"] = module.last_route = route
         return args, kwargs
 
     handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]

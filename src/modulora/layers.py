@@ -55,6 +55,14 @@ def lora_delta(
     return F.linear(u, stacked.B)  # (..., d_out)
 
 
+def route_for(layer: nn.Module, route: Route | None) -> Route | None:
+    """The route of this call; inside backward (a checkpoint recomputing the forward)
+    the route of the layer's last routed call, which is the one being recomputed."""
+    if route is None and torch._C._current_graph_task_id() != -1:
+        return getattr(layer, "last_route", None)
+    return route
+
+
 class MixtureLinear(nn.Module):
     """A frozen ``nn.Linear``/``Conv1D`` with a mixture of LoRA experts beside it.
 
@@ -105,7 +113,7 @@ class MixtureLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
         y = self.base_layer(x)
-        gate = self.gate(x, route)
+        gate = self.gate(x, route_for(self, route))
         self.aux = gate.aux
         inp, act = x, None
         if self.modulora_universal is not None:

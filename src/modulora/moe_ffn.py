@@ -23,7 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .gates import Route, TokenRouter
-from .layers import linear_dims
+from .layers import linear_dims, route_for
 
 
 def _base_weight(layer: nn.Module) -> torch.Tensor:
@@ -189,7 +189,7 @@ class MoEFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
         base = self.base_layer(x)  # (..., d)
-        gate = self.modulora_router(x, route)
+        gate = self.modulora_router(x, route_for(self, route))
         self.aux = gate.aux
         experts = self.modulora_ffn(x.unsqueeze(-2))  # (..., K, d)
         moe = torch.einsum("...k,...kd->...d", gate.weights.to(experts.dtype), experts)
