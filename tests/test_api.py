@@ -154,3 +154,28 @@ def test_gradient_checkpointing_gives_the_same_gradients(method):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", list(modulora.METHODS))
+@pytest.mark.parametrize("mode", ["bf16-base", "autocast"])
+def test_bf16_paths_follow_fp32_within_bf16_tolerance(method, mode):
+    ids, mask = batch()
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        base = tiny_model("llama")
+        if mode == "bf16-base":
+            base = base.to(dtype)
+        model = modulora.attach(base, method_config(method))
+        randomize_adapters(model, scale=0.1)
+        model.set_stage(model.method.plan(model.mixture_config)[-1])
+        task = None if model.stage.startswith("domain:") else list(TASKS)
+        task = task or model.stage.split(":")[1]
+        use_autocast = mode == "autocast" and dtype == torch.bfloat16
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
+            out = model(input_ids=ids, attention_mask=mask, labels=ids, task=task)
+        out.loss.backward()
+        trained = [p for p in model.parameters() if p.requires_grad]
+        assert trained and all(p.dtype == torch.float32 for p in trained)  # adapters stay fp32
+        assert all(torch.isfinite(p.grad).all() for p in trained if p.grad is not None)
+        logits[dtype] = out.logits.float()
+    torch.testing.assert_close(logits[torch.bfloat16], logits[torch.float32], atol=0.1, rtol=0.05)

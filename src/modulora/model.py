@@ -165,10 +165,9 @@ class MixtureModel(nn.Module):
         """
         plan = self.stage_plan(name)
         cfg = self.mixture_config
+        layout = self.method.layout(cfg)
         for layer in self.layers.values():
-            _apply_stage(layer, plan, cfg)
-        if self.modulora_shared_gate is not None:
-            _train_router(self.modulora_shared_gate, plan, cfg, self.method.layout(cfg))
+            _apply_stage(layer, plan, cfg, layout)
         io = [self.base_model.get_input_embeddings(), self.base_model.get_output_embeddings()]
         for module in io:
             if module is not None:
@@ -316,8 +315,9 @@ class MixtureModel(nn.Module):
         return self.base_model
 
 
-def _apply_stage(layer: MixtureLinear | MoEFFN, plan: StagePlan, cfg: MixtureConfig) -> None:
-    layout = get_method(cfg.method).layout(cfg)
+def _apply_stage(
+    layer: MixtureLinear | MoEFFN, plan: StagePlan, cfg: MixtureConfig, layout: Layout
+) -> None:
     if isinstance(layer, MoEFFN):
         train = any(e.name in plan.train for e in layout.experts)
         layer.modulora_ffn.requires_grad_(train)
