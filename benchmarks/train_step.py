@@ -8,16 +8,20 @@ batch 8 x 128, fp32 on CPU, AdamW. Runs are interleaved (round robin) so a noisy
 machine slows every configuration alike; the figure reported is the median over
 rounds, with its ratio to PEFT LoRA r8 measured in the same process.
 
-Memory is the training footprint that the configuration adds to or shares with
-the base model, counted exactly rather than sampled: parameters + gradients +
-AdamW state + the tensors autograd saves for the backward pass.
+Memory is shown two ways: "peak RSS", the measured peak resident memory of a
+fresh process that builds the model and runs two training steps (one process
+per configuration, so peaks do not mix), and "training bytes", counted exactly:
+parameters + gradients + AdamW state + the tensors autograd saves for backward.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -96,6 +100,21 @@ def step_time(model, opt, batch, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def peak_rss_mib(name: str, argv: list[str]) -> float:
+    """Peak RSS of a child process that trains ``name`` for two steps."""
+    cmd = [sys.executable, __file__, *argv, "--child", name]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def child(name: str, args, batch) -> None:
+    model, extra = configurations(args)[name]()
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    step_time(model, opt, {**batch, **extra}, 2)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=512)
@@ -106,7 +125,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    argv = list(sys.argv[1:])
     if args.quick:
         args.hidden, args.layers, args.vocab, args.batch, args.seq = 64, 2, 256, 2, 16
         args.rounds, args.steps = 2, 1
@@ -114,6 +135,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
     batch = {"input_ids": ids, "labels": ids}
+    if args.child:
+        return child(args.child, args, batch)
     tokens = args.batch * args.seq
     runs = {}
     for name, factory in configurations(args).items():
@@ -122,7 +145,15 @@ def main() -> None:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         mem = memory_bytes(model, {**batch, **extra})
         step_time(model, opt, {**batch, **extra}, 1)  # warm-up
-        runs[name] = {"model": model, "opt": opt, "extra": extra, "mem": mem, "times": []}
+        rss = peak_rss_mib(name, argv)
+        runs[name] = {
+            "model": model,
+            "opt": opt,
+            "extra": extra,
+            "mem": mem,
+            "rss": rss,
+            "times": [],
+        }
     for _ in range(args.rounds):  # interleaved: each round times every configuration
         for run in runs.values():
             run["times"].append(
@@ -139,13 +170,18 @@ def main() -> None:
     )
     base_tps = tokens / statistics.median(runs["PEFT LoRA r8"]["times"])
     base_mem = runs["PEFT LoRA r8"]["mem"]
-    print(f"| {'configuration':<40} | tokens/s | vs PEFT | memory MiB | vs PEFT |")
-    print(f"|{'-' * 42}|---------:|--------:|-----------:|--------:|")
+    base_rss = runs["PEFT LoRA r8"]["rss"]
+    print(
+        f"| {'configuration':<40} | tokens/s | vs PEFT | peak RSS MiB | vs PEFT "
+        "| training MiB | vs PEFT |"
+    )
+    print(f"|{'-' * 42}|---------:|--------:|-------------:|--------:|-------------:|--------:|")
     for name, run in runs.items():
         tps = tokens / statistics.median(run["times"])
         print(
-            f"| {name:<40} | {tps:8.1f} | {tps / base_tps:6.2f}x | {run['mem'] / 2**20:10.1f} "
-            f"| {run['mem'] / base_mem:6.2f}x |"
+            f"| {name:<40} | {tps:8.1f} | {tps / base_tps:6.2f}x "
+            f"| {run['rss']:12.1f} | {run['rss'] / base_rss:6.2f}x "
+            f"| {run['mem'] / 2**20:12.1f} | {run['mem'] / base_mem:6.2f}x |"
         )
 
 
