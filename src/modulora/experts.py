@@ -63,10 +63,15 @@ class ExpertBank(nn.Module):
         """Append an expert: ``A`` Kaiming-uniform as in PEFT, ``B`` zero, so it starts a no-op."""
         if name in self.names:
             raise ValueError(f"expert {name!r} already exists in this layer")
-        a = torch.empty(rank, self.d_in, **self._factory)
+        # follow the existing experts if the model was moved or cast since creation
+        like = self.A[0] if len(self.A) else None
+        factory = (
+            {"device": like.device, "dtype": like.dtype} if like is not None else self._factory
+        )
+        a = torch.empty(rank, self.d_in, **factory)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.A.append(nn.Parameter(a))
-        self.B.append(nn.Parameter(torch.zeros(self.d_out, rank, **self._factory)))
+        self.B.append(nn.Parameter(torch.zeros(self.d_out, rank, **factory)))
         self.names.append(name)
         self.ranks.append(rank)
         self.alphas.append(alpha)
