@@ -161,9 +161,10 @@ class MixtureConfig:
                 "train_embeddings is a MoE-CT option; other methods keep the base frozen"
             )
 
-    def task_rank(self, task: str) -> int:
-        """Rank of the domain/task-specific expert of ``task``."""
-        return self.task_ranks.get(task, self.rank)
+    def task_rank(self, task: str, default: int | None = None) -> int:
+        """Rank of the domain/task-specific expert of ``task`` (``task_ranks``, else
+        ``default``, else ``rank``)."""
+        return self.task_ranks.get(task, default or self.rank)
 
     def alpha_for(self, rank: int) -> float:
         """LoRA alpha of an expert of this rank (default 2 * rank)."""

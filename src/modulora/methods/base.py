@@ -164,6 +164,6 @@ def task_experts(
     """One expert per task named ``prefix:<task>``; rank from ``task_ranks`` or the default."""
     specs = []
     for task in cfg.tasks:
-        rank = cfg.task_ranks.get(task, default_rank or cfg.rank)
+        rank = cfg.task_rank(task, default_rank)
         specs.append(ExpertSpec(f"{prefix}:{task}", rank, cfg.alpha_for(rank), task=task))
     return specs

@@ -132,7 +132,7 @@ def _moelora_layout(cfg: MixtureConfig) -> Layout:
     shared = expert_list("expert", cfg.num_experts, rank, cfg)
     # tasks added later get an expert of their own, masked for the old tasks, so
     # training it cannot change what the old tasks compute
-    ranks = {t: cfg.task_ranks.get(t, rank) for t in cfg.added_tasks}
+    ranks = {t: cfg.task_rank(t, rank) for t in cfg.added_tasks}
     added = [ExpertSpec(f"specific:{t}", r, cfg.alpha_for(r), t) for t, r in ranks.items()]
     return Layout("parallel", shared + added, "task-shared")
 
