@@ -108,7 +108,7 @@ def _file_name(expert: str) -> str:
     return "experts/" + expert.replace(":", "-") + ".safetensors"
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -123,15 +123,18 @@ def _atomic_write(path: Path, write) -> None:
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     # clone: slices of stacked parameters share storage, which safetensors refuses
     data = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(data, tmp, metadata={"format": "pt"}))
+    atomic_write(path, lambda tmp: save_file(data, tmp, metadata={"format": "pt"}))
 
 
 def _layer_dims(layer: MixtureLinear | MoEFFN, d_model: int) -> list[int]:
     return [d_model, d_model] if isinstance(layer, MoEFFN) else [layer.d_in, layer.d_out]
 
 
-def save(model: MixtureModel, directory: str | Path) -> None:
-    """Write the adapter of ``model`` to ``directory`` (see module docstring)."""
+def save(model: MixtureModel, directory: str | Path, extra: dict | None = None) -> None:
+    """Write the adapter of ``model`` to ``directory`` (see module docstring).
+
+    ``extra`` entries (e.g. a run's ``stages_done``) are added to the manifest.
+    """
     from . import __version__
     from .inject import hidden_size
 
@@ -181,8 +184,9 @@ def save(model: MixtureModel, directory: str | Path) -> None:
             "targets": {n: _layer_dims(layer, d_model) for n, layer in model.layers.items()},
         },
     }
+    manifest.update(extra or {})
     text = json.dumps(manifest, indent=2)
-    _atomic_write(root / "manifest.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(root / "manifest.json", lambda tmp: Path(tmp).write_text(text))
 
 
 def read_manifest(directory: str | Path) -> dict:
@@ -237,7 +241,9 @@ def _read_tensors(root: Path, rel: str) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def _copy_into(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor], what: str) -> None:
+def _check_fits(
+    target: dict[str, torch.Tensor], source: dict[str, torch.Tensor], what: str
+) -> None:
     if set(target) != set(source):
         missing, extra = sorted(set(target) - set(source)), sorted(set(source) - set(target))
         raise ValueError(f"{what}: missing keys {missing[:5]}, unexpected keys {extra[:5]}")
@@ -246,9 +252,43 @@ def _copy_into(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor],
             raise ValueError(
                 f"{what}: {k} has shape {tuple(source[k].shape)}, expected {tuple(t.shape)}"
             )
+
+
+def _copy_into(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for k, t in target.items():
             t.copy_(source[k].to(t.dtype))
+
+
+def load_weights(mixture: MixtureModel, directory: str | Path) -> None:
+    """Copy the weights saved in ``directory`` into ``mixture`` (same config), in place.
+
+    Every file is read and checked before any weight is changed.
+
+    Raises:
+        FileNotFoundError / ValueError: missing or corrupt files, experts or shapes that
+            do not match ``mixture``.
+    """
+    root = Path(directory)
+    manifest = read_manifest(root)
+    files = {e["name"]: _read_tensors(root, e["file"]) for e in manifest["experts"]}
+    routers = _read_tensors(root, manifest["router_file"])
+    base_io = (
+        _read_tensors(root, manifest["base_io_file"]) if manifest.get("base_io_file") else None
+    )
+    if sorted(files) != sorted(mixture.expert_names()):
+        raise ValueError(
+            f"{root}: manifest experts {sorted(files)} do not match the model's "
+            f"{sorted(mixture.expert_names())}"
+        )
+    pairs = [(mixture.expert_state(n), t, str(root / _file_name(n))) for n, t in files.items()]
+    pairs.append((router_state(mixture), routers, str(root / manifest["router_file"])))
+    if base_io is not None:
+        pairs.append((base_io_state(mixture), base_io, str(root / manifest["base_io_file"])))
+    for target, source, what in pairs:
+        _check_fits(target, source, what)
+    for target, source, _ in pairs:
+        _copy_into(target, source)
 
 
 def load(model: nn.Module, directory: str | Path, strict: bool = True) -> MixtureModel:
@@ -265,20 +305,9 @@ def load(model: nn.Module, directory: str | Path, strict: bool = True) -> Mixtur
     manifest = read_manifest(root)
     cfg = MixtureConfig.from_dict(manifest["config"])
     check_base(model, manifest, root, strict)
-    files = {e["name"]: _read_tensors(root, e["file"]) for e in manifest["experts"]}
-    routers = _read_tensors(root, manifest["router_file"])
-    base_io = (
-        _read_tensors(root, manifest["base_io_file"]) if manifest.get("base_io_file") else None
-    )
     mixture = MixtureModel(model, cfg)
     try:
-        if sorted(files) != sorted(mixture.expert_names()):
-            raise ValueError(f"manifest experts {sorted(files)} do not match the config's")
-        for name, tensors in files.items():
-            _copy_into(mixture.expert_state(name), tensors, f"{root / _file_name(name)}")
-        _copy_into(router_state(mixture), routers, str(root / manifest["router_file"]))
-        if base_io is not None:
-            _copy_into(base_io_state(mixture), base_io, str(root / manifest["base_io_file"]))
+        load_weights(mixture, root)
     except Exception:
         mixture.detach()
         raise

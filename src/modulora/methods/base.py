@@ -97,6 +97,8 @@ class Method:
         add_task: (config, task, rank) -> the config after adding ``task``.
         task_gated: the forward pass always needs task ids.
         mergeable: a task's update folds into the base weights exactly.
+        add_plan: (config after ``add_task``, task) -> the stages that train the new
+            task (default: its domain stage); raises if the method cannot add tasks.
     """
 
     name: str
@@ -107,6 +109,7 @@ class Method:
     add_task: Callable[[MixtureConfig, str, int | None], MixtureConfig]
     task_gated: bool = False
     mergeable: bool = False
+    add_plan: Callable[[MixtureConfig, str], list[str]] = lambda cfg, task: [f"domain:{task}"]
 
 
 def unknown_stage(cfg: MixtureConfig, name: str, valid: list[str]) -> ValueError:
@@ -128,6 +131,11 @@ def joint_stage(
         return StagePlan(name, train=experts, train_router=True, train_base_io=cfg.train_embeddings)
 
     return stage
+
+
+def domain_then_router(cfg: MixtureConfig, task: str) -> list[str]:
+    """Add-task plan of routed methods: the new expert alone, then only the router."""
+    return [f"domain:{task}", "router"]
 
 
 def domain_task(cfg: MixtureConfig, name: str) -> str | None:

@@ -13,6 +13,7 @@ from .base import (
     Method,
     StagePlan,
     domain_task,
+    domain_then_router,
     expert_list,
     grown,
     joint_stage,
@@ -87,13 +88,35 @@ def _grow_experts(cfg: MixtureConfig, task: str, rank: int | None) -> MixtureCon
     return grown(cfg, task, None, num_experts=cfg.num_experts + 1)
 
 
+def _token_routed_stage(layout):
+    """Joint training, plus the stages of a task added later: its new expert alone
+    (gate fixed to it, as MoDULA's domain stage), then only the router."""
+    joint = joint_stage(layout)
+
+    def stage(cfg: MixtureConfig, name: str) -> StagePlan:
+        if name == "router":
+            return StagePlan(name, train_router=True)
+        task = domain_task(cfg, name)
+        if task is not None and task in cfg.added_tasks:
+            first_added = cfg.num_experts - len(cfg.added_tasks)
+            expert = f"expert:{first_added + cfg.added_tasks.index(task)}"
+            return StagePlan(name, train=frozenset({expert}), fixed={expert: 1.0}, task=task)
+        if name == "joint":
+            return joint(cfg, name)
+        added = [f"domain:{t}" for t in cfg.added_tasks]
+        raise unknown_stage(cfg, name, ["joint", "router", *added])
+
+    return stage
+
+
 MOLORA = Method(
     "molora",
     "Zadouri et al. 2023, Pushing Mixture of Experts to the Limit (arXiv 2309.05444)",
     _molora_layout,
     lambda cfg: ["joint"],
-    joint_stage(_molora_layout),
+    _token_routed_stage(_molora_layout),
     _grow_experts,
+    add_plan=domain_then_router,
 )
 
 
@@ -114,8 +137,9 @@ LORAMOE = Method(
     "Dou et al. 2024, LoRAMoE (ACL 2024, arXiv 2312.09979)",
     _loramoe_layout,
     lambda cfg: ["joint"],
-    joint_stage(_loramoe_layout),
+    _token_routed_stage(_loramoe_layout),
     _grow_experts,
+    add_plan=domain_then_router,
 )
 
 

@@ -23,6 +23,7 @@ from .base import (
     Method,
     StagePlan,
     domain_task,
+    domain_then_router,
     grown,
     task_experts,
     unknown_stage,
@@ -75,6 +76,7 @@ MODULA_FLAN = Method(
     _plan,
     _stage(residual=False),
     _add_task,
+    add_plan=domain_then_router,
 )
 
 MODULA_RES = Method(
@@ -84,4 +86,5 @@ MODULA_RES = Method(
     _plan,
     _stage(residual=True),
     _add_task,
+    add_plan=domain_then_router,
 )

@@ -21,6 +21,13 @@ def _add_task(cfg: MixtureConfig, task: str, rank: int | None) -> MixtureConfig:
     return grown(cfg, task, None, num_experts=cfg.num_experts + 1)
 
 
+def _add_plan(cfg: MixtureConfig, task: str) -> list[str]:
+    raise ValueError(
+        "moe-ct stacks its expert FFNs in one tensor per linear, so training a new one alone "
+        "is not supported; continue pre-training with `modulora train` on the new text instead"
+    )
+
+
 MOE_CT = Method(
     "moe-ct",
     "Li et al. 2024, MoE-CT (arXiv 2407.00875)",
@@ -28,4 +35,5 @@ MOE_CT = Method(
     lambda cfg: ["joint"],
     joint_stage(_layout),
     _add_task,
+    add_plan=_add_plan,
 )

@@ -1,0 +1,183 @@
+"""Adding task N+1 to a trained run without retraining tasks 1..N (MoDULA's pluggability).
+
+The run's adapter is loaded onto its base model (fingerprint checked), grown by one
+task (``MixtureModel.add_task``), and only the method's add-task stages train:
+MoDULA and token-routed mixtures train the new expert alone and then only the
+router; task-gated methods train the new expert and the new task's gate row.
+Every old expert is compared bit for bit before anything is written, and the
+cost of the addition is reported next to an estimate of retraining everything.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+
+from .checkpoint import load
+from .methods import get_method
+from .model import MixtureModel
+from .models import load_base
+from .plan import build_stages, load_data, stage_examples
+from .recipe import run_summary
+from .run_config import ConfigError, RunConfig, TaskData, dump, load_run_config
+from .runs import RunFolder, read_json, write_json
+from .train import StageData, check_stage, make_accelerator, run_stage
+
+GROWN_KEYS_SKIPPED = ("method", "tasks", "task_ranks")
+
+
+def grown_run(run: RunConfig, task: str, data: str, rank: int | None) -> RunConfig:
+    """The run config with ``task`` added; adapter keys the growth changed are recorded."""
+    if task in run.tasks:
+        raise ConfigError(f"task {task!r} is already in the run; its tasks: {list(run.tasks)}")
+    path = Path(data)
+    if not path.is_file():
+        raise ConfigError(f"--data {data}: file not found")
+    method = get_method(run.method)
+    try:
+        grown = method.add_task(run.mixture_config(), task, rank)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    new = copy.deepcopy(run)
+    new.tasks[task] = TaskData(train=str(path.resolve()), rank=rank)
+    plain = new.mixture_config().to_dict()
+    for key, value in grown.to_dict().items():
+        if key not in GROWN_KEYS_SKIPPED and plain[key] != value:
+            new.adapter[key] = value
+    assert new.mixture_config() == grown
+    return new
+
+
+def _snapshot(model: MixtureModel, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    return {n: {k: v.detach().clone() for k, v in model.expert_state(n).items()} for n in names}
+
+
+def _identical(model: MixtureModel, before: dict[str, dict[str, torch.Tensor]]) -> dict[str, bool]:
+    out = {}
+    for name, tensors in before.items():
+        now = model.expert_state(name)
+        out[name] = all(torch.equal(now[k], v) for k, v in tensors.items())
+    return out
+
+
+@torch.no_grad()
+def _old_task_logits(model: MixtureModel, tasks: list[str]) -> torch.Tensor:
+    """Logits of one fixed random sequence per old task (task-gated methods keep them)."""
+    vocab = model.base_model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (len(tasks), 16), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    out = model(input_ids=ids.to(model._device()), task=tasks).logits
+    model.train()
+    return out
+
+
+def add_task(
+    run_dir: str | Path, task: str, data: str, rank: int | None = None, overrides=()
+) -> dict:
+    """Train ``task`` into the run in ``run_dir``; returns (and writes) the cost report.
+
+    Raises:
+        ConfigError / DataError: unknown run, existing task, bad data, a method that
+            cannot add tasks; raised before the run folder changes.
+    """
+    folder = RunFolder(run_dir)
+    if not folder.config_path.is_file() or not folder.state()["stages_done"]:
+        raise ConfigError(f"{run_dir} is not a trained modulora run (no config.yaml/state.json)")
+    run = load_run_config(folder.config_path, list(overrides))
+    new = grown_run(run, task, data, rank)
+    mcfg = new.mixture_config()
+    names = get_method(run.method).add_plan(mcfg, task)
+    stages = build_stages(new, names, suffix=task)
+    acc = make_accelerator(run.train.precision)
+    base, tokenizer = load_base(run.model)
+    splits = load_data(new, stages, tokenizer)
+    stage_data = {
+        s.label: StageData(stage_examples(new, s, splits), stage_examples(new, s, splits, "valid"))
+        for s in stages
+    }
+    for s in stages:
+        check_stage(s, stage_data[s.label], acc.num_processes)
+
+    model = load(base, folder.root)
+    old_experts = model.expert_names()
+    before = _snapshot(model, old_experts)
+    gated = model.method.task_gated
+    logits_before = _old_task_logits(model, list(run.tasks)) if gated else None
+    set_seed(run.train.seed + len(run.tasks))  # the new expert's initial weights
+    model.add_task(task, rank)
+
+    costs = []
+    for stage in stages:
+        cost = run_stage(model, stage, stage_data[stage.label], acc, folder, tokenizer.pad_token_id)
+        costs.append(cost)
+    identical = _identical(model, before)
+    if not all(identical.values()):
+        changed = [n for n, same in identical.items() if not same]
+        raise RuntimeError(f"old experts changed during add-task: {changed}; nothing was saved")
+    outputs_same = None
+    if gated:
+        outputs_same = torch.equal(logits_before, _old_task_logits(model, list(run.tasks)))
+
+    report = _report(folder, new, task, costs, splits, identical, outputs_same, model)
+    if acc.is_main_process:
+        state = folder.state()
+        state["stages_done"] += [s.key for s in stages]
+        state["tasks_added"] = [*state.get("tasks_added", []), task]
+        for stage, cost in zip(stages, costs, strict=True):
+            write_json(folder.stage_dir(stage.label) / "cost.json", cost)
+        folder.save_adapter(model, state)
+        folder.clear_checkpoints()
+        write_json(folder.root / f"add-task-{task}.json", report)
+        write_json(folder.root / "cost.json", run_summary(folder, model))
+        folder.config_path.write_text(dump(new), encoding="utf-8")
+    acc.end_training()
+    return report
+
+
+def _report(folder, run, task, costs, splits, identical, outputs_same, model) -> dict:
+    """This addition's cost next to an estimate of retraining every task from scratch."""
+    addition = {
+        "parameters_trained": sum(c["trainable_parameters"] for c in costs),
+        "examples": sum(c["examples"] for c in costs),
+        "tokens": sum(c["tokens"] for c in costs),
+        "wall_time_s": round(sum(c["wall_time_s"] for c in costs), 3),
+    }
+    summary = read_json(folder.root / "cost.json")
+    retrain = None
+    old = [t for t in run.tasks if t != task]
+    old_n = sum(len(splits[t].train) for t in old if t in splits)
+    if summary and old_n:
+        # the original plan's measured cost, scaled by the data growth of one more task
+        scale = (old_n + len(splits[task].train)) / old_n
+        total = summary["total"]
+        retrain = {
+            "parameters_trained": sum(p.numel() for p in model.adapter_parameters().values()),
+            "examples": round(total["examples"] * scale),
+            "tokens": round(total["tokens"] * scale),
+            "wall_time_s": round(total["wall_time_s"] * scale, 3),
+            "basis": "this run's measured stage costs x (old + new training examples) / old",
+        }
+    share = None
+    if retrain:
+        share = {
+            k: round(addition[k] / retrain[k], 4) if retrain[k] else None
+            for k in ("parameters_trained", "examples", "tokens", "wall_time_s")
+        }
+    return {
+        "task": task,
+        "method": run.method,
+        "stages": [c["stage"] for c in costs],
+        "old_experts_bit_identical": all(identical.values()),
+        "old_experts_checked": sorted(identical),
+        "old_task_outputs_identical": outputs_same,
+        "new_task_valid_loss": {
+            "start": costs[0]["valid_loss_start"],
+            "end": costs[0]["valid_loss_end"],
+        },
+        "addition": addition,
+        "retrain_all_estimate": retrain,
+        "addition_share_of_retrain": share,
+    }

@@ -1,0 +1,154 @@
+"""``modulora`` command line: each subcommand parses its arguments and calls one function.
+
+modulora plan CONFIG.yaml [--set key=value ...]
+modulora train CONFIG.yaml [--set key=value ...] [--resume] [--stage NAME]
+modulora add-task RUN_DIR --task NAME --data FILE [--rank R] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from .data import DataError
+from .run_config import ConfigError, load_run_config
+
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, ValueError)
+
+
+def _console() -> Console:
+    # piped output defaults to 80 columns, which folds every table; tables stay readable at 120
+    console = Console()
+    return console if console.is_terminal else Console(width=120)
+
+
+def _plan(args) -> None:
+    from .recipe import describe
+
+    run = load_run_config(args.config, args.set)
+    rows, notes = describe(run)
+    table = Table(title=f"{run.method}: {len(rows)} stage(s), run folder {run.output_dir}")
+    for col in ("stage", "trains", "parameters", "data", "examples", "tokens", "steps"):
+        table.add_column(
+            col, justify="right" if col in ("parameters", "examples", "tokens", "steps") else "left"
+        )
+    for r in rows:
+        table.add_row(
+            r["stage"],
+            r["trains"],
+            f"{r['parameters']:,}",
+            r["data"],
+            f"{r['examples']:,}",
+            f"{r['tokens']:,}",
+            str(r["steps"]),
+        )
+    console = _console()
+    console.print(table)
+    for note in notes:
+        console.print(note)
+
+
+def _train(args) -> None:
+    from .recipe import train_run
+
+    run = load_run_config(args.config, args.set)
+    summary = train_run(run, only=args.stage, resume=args.resume)
+    _print_costs(summary["stages"], f"{run.method}: trained into {run.output_dir}")
+
+
+def _print_costs(stages: list[dict], title: str) -> None:
+    table = Table(title=title)
+    for col in ("stage", "parameters", "steps", "examples", "tokens", "valid loss", "time (s)"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for c in stages:
+        start, end = c.get("valid_loss_start"), c.get("valid_loss_end")
+        loss = f"{start:.4f} -> {end:.4f}" if start is not None and end is not None else "-"
+        table.add_row(
+            c["stage"],
+            f"{c['trainable_parameters']:,}",
+            str(c["steps"]),
+            f"{c['examples']:,}",
+            f"{c['tokens']:,}",
+            loss,
+            f"{c['wall_time_s']:.1f}",
+        )
+    _console().print(table)
+
+
+def _add_task(args) -> None:
+    from .add_task import add_task
+
+    report = add_task(args.run_dir, args.task, args.data, args.rank, args.set)
+    console = _console()
+    same = "yes" if report["old_experts_bit_identical"] else "NO"
+    console.print(
+        f"old experts bit-identical ({len(report['old_experts_checked'])} checked): {same}"
+    )
+    if report["old_task_outputs_identical"] is not None:
+        console.print(f"old tasks' outputs identical: {report['old_task_outputs_identical']}")
+    table = Table(
+        title=f"cost of adding {report['task']!r} vs retraining all tasks ({report['method']})"
+    )
+    for col in ("", "parameters trained", "examples", "tokens", "wall time (s)"):
+        table.add_column(col, justify="right")
+    keys = ("parameters_trained", "examples", "tokens", "wall_time_s")
+    table.add_row("add-task", *(f"{report['addition'][k]:,}" for k in keys))
+    if report["retrain_all_estimate"]:
+        table.add_row(
+            "retrain all (est.)", *(f"{report['retrain_all_estimate'][k]:,}" for k in keys)
+        )
+        share = report["addition_share_of_retrain"]
+        table.add_row(
+            "share", *(f"{100 * share[k]:.1f}%" if share[k] is not None else "-" for k in keys)
+        )
+    console.print(table)
+    console.print(f"report: {args.run_dir}/add-task-{report['task']}.json")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modulora", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    overrides = {
+        "action": "append",
+        "default": [],
+        "metavar": "KEY=VALUE",
+        "help": "override a config key, e.g. train.lr=1e-4 (repeatable)",
+    }
+
+    plan = sub.add_parser("plan", help="print the stages a config implies, without training")
+    plan.add_argument("config")
+    plan.add_argument("--set", **overrides)
+    plan.set_defaults(func=_plan)
+
+    train = sub.add_parser("train", help="run a config's training plan")
+    train.add_argument("config")
+    train.add_argument("--set", **overrides)
+    train.add_argument("--resume", action="store_true", help="continue the run in output_dir")
+    train.add_argument("--stage", help="run only this stage (e.g. router, domain:math)")
+    train.set_defaults(func=_train)
+
+    add = sub.add_parser("add-task", help="train a new task into a run, old experts untouched")
+    add.add_argument("run_dir")
+    add.add_argument("--task", required=True)
+    add.add_argument("--data", required=True, help="JSONL/CSV records of the new task")
+    add.add_argument("--rank", type=int, help="rank of the new expert (default: adapter.rank)")
+    add.add_argument("--set", **overrides)
+    add.set_defaults(func=_add_task)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        print(f"modulora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
