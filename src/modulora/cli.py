@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from accelerate import PartialState
 from rich.console import Console
 from rich.table import Table
 
@@ -56,7 +57,8 @@ def _train(args) -> None:
 
     run = load_run_config(args.config, args.set)
     summary = train_run(run, only=args.stage, resume=args.resume)
-    _print_costs(summary["stages"], f"{run.method}: trained into {run.output_dir}")
+    if PartialState().is_main_process:
+        _print_costs(summary["stages"], f"{run.method}: trained into {run.output_dir}")
 
 
 def _print_costs(stages: list[dict], title: str) -> None:

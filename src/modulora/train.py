@@ -11,6 +11,7 @@ weights as an uninterrupted run.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -45,7 +46,11 @@ def make_accelerator(precision: str, tensorboard_dir: str | None = None) -> Acce
     kwargs = {}
     if tensorboard_dir is not None:
         kwargs = {"log_with": "tensorboard", "project_dir": tensorboard_dir}
+    # torchrun/`accelerate launch --multi_gpu` on a machine without CUDA: accelerate runs
+    # several CPU processes (gloo) only when told cpu=True
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     return Accelerator(
+        cpu=multi_cpu,
         mixed_precision="bf16" if precision == "bf16" else "no",
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         # top-k routing leaves some experts without gradient in a step
@@ -117,8 +122,9 @@ def _task_arg(tasks: list, model: MixtureModel):
     return list(tasks)
 
 
-def _token_loss(model, batch: dict, core: MixtureModel) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token losses, auxiliary loss) of one micro-batch."""
+def _token_loss(model, batch: dict, core: MixtureModel, per_row: bool = False):
+    """(sum of next-token losses, auxiliary loss) of one micro-batch; ``per_row``
+    gives the sums per row, shape (B,)."""
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -126,7 +132,8 @@ def _token_loss(model, batch: dict, core: MixtureModel) -> tuple[torch.Tensor, t
     )
     logits = out.logits[:, :-1].float()  # (B, T-1, V) predicts tokens 1..T-1
     labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+    loss = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # (B, T-1)
+    loss = loss.sum(1) if per_row else loss.sum()
     aux = out.get("aux_loss")
     return loss, (aux if aux is not None else logits.new_zeros(()))
 
@@ -166,10 +173,11 @@ def validation_loss(model, core: MixtureModel, examples: list[Example], acc, cfg
     )
     total, count = 0.0, 0.0
     for batch in acc.prepare_data_loader(loader):
-        tok, _ = _token_loss(model, batch, core)
-        n = (batch["labels"][:, 1:] != -100).sum()
-        sums = acc.reduce(torch.stack([tok.float(), n.float()]), "sum")
-        total, count = total + float(sums[0]), count + float(sums[1])
+        rows, _ = _token_loss(model, batch, core, per_row=True)
+        counts = (batch["labels"][:, 1:] != -100).sum(1).float()
+        # gather_for_metrics drops the rows accelerate repeats to even out the last batch
+        rows, counts = acc.gather_for_metrics((rows.float(), counts))
+        total, count = total + float(rows.sum()), count + float(counts.sum())
     core.train(was_training)
     return total / max(count, 1.0)
 

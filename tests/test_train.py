@@ -1,0 +1,200 @@
+"""The training pipeline end to end: YAML -> CLI -> stages -> run folder.
+
+Tiny random Llama folders and a synthetic multi-task set where each task is a
+different string transformation (tests/tiny.py), so validation loss can fall in
+a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import modulora
+from modulora.cli import main
+from modulora.config import METHODS
+from tiny import model_dir, records, write_jsonl, write_run
+
+FAST = {"lr": 1e-2, "max_steps": 6, "max_length": 40}
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return model_dir(tmp_path_factory.mktemp("model") / "tiny-llama")
+
+
+def _run(tmp_path, method, model_path, **sections):
+    sections.setdefault("train", FAST)
+    if method == "moe-ct":  # continued pre-training on plain text, no tasks
+        text = [{"text": r["prompt"] + " = " + r["response"]} for r in records("reverse", 48)]
+        sections.setdefault("tasks", {})
+        sections.setdefault("universal", {"train": str(write_jsonl(tmp_path / "text.jsonl", text))})
+    return write_run(tmp_path, method, model_path, **sections)
+
+
+def _costs(run_dir):
+    return json.loads((run_dir / "cost.json").read_text())["stages"]
+
+
+def _tensors(run_dir):
+    """Every saved adapter tensor of a run folder, keyed ``file:tensor``."""
+    out = {}
+    for path in sorted([*run_dir.glob("experts/*.safetensors"), run_dir / "router.safetensors"]):
+        for k, v in load_file(path).items():
+            out[f"{path.name}:{k}"] = v
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_default_plan_trains_every_method_from_yaml(tmp_path, model_path, method):
+    config = _run(tmp_path, method, model_path)
+    assert main(["train", str(config)]) == 0
+    run = tmp_path / "run"
+    expected = modulora.methods.get_method(method).plan(
+        modulora.MixtureConfig(
+            method=method, tasks=[] if method == "moe-ct" else ["reverse", "upper"]
+        )
+    )
+    costs = _costs(run)
+    assert [c["stage"] for c in costs] == expected
+    for cost in costs:  # validation loss falls in every stage that trains
+        assert cost["valid_loss_end"] < cost["valid_loss_start"], cost
+        assert cost["steps"] == FAST["max_steps"] and cost["trainable_parameters"] > 0
+        assert cost["tokens"] > 0 and cost["flops_estimate"] > 0
+    for label in (c["stage"].replace(":", "-") for c in costs):
+        lines = (run / "stages" / label / "metrics.jsonl").read_text().splitlines()
+        assert sum("valid_loss" in line for line in lines) == 2
+        assert sum('"loss"' in line for line in lines) == FAST["max_steps"]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages_done"] == expected
+    assert all((run / e["file"]).is_file() for e in manifest["experts"])
+    # the resolved config re-runs as is: same plan, absolute paths
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["method"] == method and resolved["output_dir"] == str(run)
+    # the trained adapter loads onto a fresh base and reproduces itself
+    base, _ = modulora.models.load_base(str(model_path))
+    assert modulora.load(base, run).mixture_config.method == method
+
+
+@pytest.mark.parametrize("method", ["modula-res", "modula-flan"])
+def test_stage_isolation(tmp_path, model_path, method):
+    config = _run(tmp_path, method, model_path)
+    run = tmp_path / "run"
+    # the adapter at init: the same seed gives the same initial weights
+    assert main(["train", str(config), "--stage", "universal"]) == 0
+    history = [_tensors(run)]
+    for stage in ("domain:reverse", "domain:upper", "router"):
+        assert main(["train", str(config), "--stage", stage]) == 0
+        history.append(_tensors(run))
+    changed = [
+        {k.split(":")[0] for k in after if not torch.equal(after[k], before[k])}
+        for before, after in zip(history, history[1:], strict=False)
+    ]
+    assert changed == [
+        {"domain-reverse.safetensors"},
+        {"domain-upper.safetensors"},
+        {"router.safetensors"},
+    ]
+    base, _ = modulora.models.load_base(str(model_path))
+    torch.manual_seed(0)
+    from accelerate.utils import set_seed
+
+    set_seed(0)
+    init = modulora.attach(base, modulora.MixtureConfig(**_mixture(run)))
+    after_universal = history[0]
+    for name in init.expert_names():
+        file = name.replace(":", "-") + ".safetensors"
+        for k, v in init.expert_state(name).items():
+            same = torch.equal(v, after_universal[f"{file}:{k}"])
+            assert same == (name != "universal"), (name, k)
+
+
+def _mixture(run_dir):
+    return json.loads((run_dir / "manifest.json").read_text())["config"]
+
+
+def _wait_for(path, proc, timeout=120.0):
+    import time
+
+    start = time.time()
+    while not path.exists():
+        assert proc.poll() is None, "the run finished before its first checkpoint"
+        assert time.time() - start < timeout, "no checkpoint appeared"
+        time.sleep(0.01)
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path, model_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    train = {**FAST, "max_steps": 40, "save_every": 3, "eval_every": 5}
+    config = _run(tmp_path, "modula-res", model_path, train=train)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "modulora.cli", "train", str(config)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(run / "checkpoints" / "latest.json", proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    latest = json.loads((run / "checkpoints" / "latest.json").read_text())
+    state = json.loads((run / "state.json").read_text()) if (run / "state.json").exists() else {}
+    assert latest["stage"] not in state.get("stages_done", [])  # killed mid-stage
+    assert main(["train", str(config)]) == 2  # an existing run is never overwritten
+    assert main(["train", str(config), "--resume"]) == 0
+
+    clean = _run(tmp_path / "clean", "modula-res", model_path, train=train)
+    assert main(["train", str(clean)]) == 0
+    resumed, uninterrupted = _tensors(run), _tensors(tmp_path / "clean" / "run")
+    assert resumed.keys() == uninterrupted.keys()
+    for k in resumed:
+        assert torch.equal(resumed[k], uninterrupted[k]), k
+    # the resumed stage's metrics hold each step once
+    for label in ("universal", "domain-reverse", "domain-upper", "router"):
+        steps = [
+            r["step"]
+            for r in map(json.loads, (run / "stages" / label / "metrics.jsonl").open())
+            if "loss" in r
+        ]
+        assert steps == sorted(set(steps)), label
+
+
+def test_two_processes_match_one(tmp_path, model_path):
+    import subprocess
+    import sys
+
+    train = {**FAST, "max_steps": 4, "grad_accum": 2}
+    two = _run(tmp_path / "two", "modula-res", model_path, train=train)
+    one = _run(tmp_path / "one", "modula-res", model_path, train=train)
+    launch = [
+        # accelerate 1.x's `--cpu` launcher starts one process unless MPI is set up;
+        # `--multi_gpu` uses torchrun, and modulora asks accelerate for CPU (gloo) DDP
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "modulora.cli",
+        "train",
+        str(two),
+    ]
+    done = subprocess.run(launch, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(["train", str(one)]) == 0
+    a, b = _tensors(tmp_path / "two" / "run"), _tensors(tmp_path / "one" / "run")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=k)
+    assert [c["processes"] for c in _costs(tmp_path / "two" / "run")] == [2] * 4
