@@ -13,11 +13,11 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny import model_dir, records, write_jsonl, write_run
 
 import modulora
 from modulora.cli import main
 from modulora.config import METHODS
-from tiny import model_dir, records, write_jsonl, write_run
 
 FAST = {"lr": 1e-2, "max_steps": 6, "max_length": 40}
 
