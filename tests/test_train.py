@@ -18,6 +18,7 @@ from tiny import model_dir, records, write_jsonl, write_run
 import modulora
 from modulora.cli import main
 from modulora.config import METHODS
+from modulora.methods import get_method
 
 FAST = {"lr": 1e-2, "max_steps": 6, "max_length": 40}
 
@@ -198,3 +199,127 @@ def test_two_processes_match_one(tmp_path, model_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=k)
     assert [c["processes"] for c in _costs(tmp_path / "two" / "run")] == [2] * 4
+
+
+def _folder_state(root):
+    """Every file under ``root`` with its bytes: a run folder 'untouched' keeps this equal."""
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("method", ["modula-res", "molora", "cgc-lora", "multi-lora"])
+def test_add_task_keeps_old_experts_and_learns_the_new_task(tmp_path, model_path, method):
+    # epochs, not a step budget, so retraining all tasks really reads more data
+    config = _run(tmp_path, method, model_path, train={**FAST, "max_steps": None, "epochs": 3})
+    assert main(["train", str(config)]) == 0
+    run = tmp_path / "run"
+    before = _tensors(run)
+    new = write_jsonl(tmp_path / "data" / "sort.jsonl", records("sort", 48, task_field=False))
+    assert main(["add-task", str(run), "--task", "sort", "--data", str(new), "--rank", "4"]) == 0
+    after = _tensors(run)
+    old_files = {k for k in before if not k.startswith("router")}
+    for k in old_files:  # checked here, not only in the report
+        assert torch.equal(before[k], after[k]), k
+    new_expert = {"molora": "expert-2", "cgc-lora": "specific-sort"}.get(method, "domain-sort")
+    assert any(k.startswith(new_expert + ".safetensors") for k in after)
+    report = json.loads((run / "add-task-sort.json").read_text())
+    assert report["old_experts_bit_identical"] is True
+    loss = report["new_task_valid_loss"]
+    assert loss["end"] < loss["start"]
+    expected = get_method(method).add_plan(None, "sort")
+    assert report["stages"] == expected
+    if method in ("cgc-lora", "multi-lora"):
+        assert report["old_task_outputs_identical"] is True
+    retrain = report["retrain_all_estimate"]
+    assert 0 < report["addition"]["parameters_trained"] < retrain["parameters_trained"]
+    assert 0 < report["addition"]["examples"] < retrain["examples"]
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert list(resolved["tasks"]) == ["reverse", "upper", "sort"]
+    assert json.loads((run / "state.json").read_text())["tasks_added"] == ["sort"]
+    # the grown run loads as a whole and knows the new task
+    base, _ = modulora.models.load_base(str(model_path))
+    assert modulora.load(base, run).mixture_config.tasks == ["reverse", "upper", "sort"]
+
+
+def test_add_task_refusals_leave_the_run_untouched(tmp_path, model_path, capsys):
+    config = _run(tmp_path, "lora", model_path)
+    assert main(["train", str(config)]) == 0
+    run = tmp_path / "run"
+    snapshot = _folder_state(run)
+    new = write_jsonl(tmp_path / "new.jsonl", records("sort", 16, task_field=False))
+    assert main(["add-task", str(run), "--task", "sort", "--data", str(new)]) == 2
+    assert "cannot be added" in capsys.readouterr().err
+    assert main(["add-task", str(run), "--task", "reverse", "--data", str(new)]) == 2
+    assert "already in the run" in capsys.readouterr().err
+    assert main(["add-task", str(tmp_path / "nope"), "--task", "x", "--data", str(new)]) == 2
+    assert _folder_state(run) == snapshot
+
+
+BAD_LINES = {
+    "malformed JSON": ('{"prompt": "a", "response": ', "invalid JSON"),
+    "no prompt/messages/text": ('{"task": "reverse", "answer": "x"}', "prompt"),
+    "task not in config": ('{"task": "physics", "prompt": "a", "response": "b"}', "physics"),
+}
+
+
+@pytest.mark.parametrize("case", [*BAD_LINES, "empty dataset"])
+def test_bad_data_names_file_and_line_and_touches_nothing(tmp_path, model_path, capsys, case):
+    config = _run(tmp_path, "modula-res", model_path)
+    assert main(["train", str(config), "--stage", "universal"]) == 0
+    run = tmp_path / "run"
+    snapshot = _folder_state(run)
+    data = tmp_path / "data" / "upper.jsonl"
+    good = data.read_text().splitlines()
+    if case == "empty dataset":
+        data.write_text("")
+        expected = f"{data}: "
+    else:
+        line, _ = BAD_LINES[case]
+        data.write_text("\n".join([*good[:4], line, *good[4:]]) + "\n")
+        expected = f"{data}:5: "
+    # the rest of the plan, into the existing run: fails before any stage starts
+    assert main(["train", str(config), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    if case != "empty dataset":
+        assert BAD_LINES[case][1] in err
+    else:
+        assert "empty" in err
+    assert _folder_state(run) == snapshot
+    # a fresh run with the same data never creates its folder
+    fresh = tmp_path / "fresh"
+    assert main(["train", str(config), "--set", f"output_dir={fresh}"]) == 2
+    assert not fresh.exists()
+
+
+def test_config_errors_are_clear(tmp_path, model_path, capsys):
+    config = _run(tmp_path, "modula-res", model_path)
+    cases = {
+        "train.lr=-1": "train.lr",
+        "train.bogus=1": "unknown keys ['bogus']",
+        "stages.joint.max_steps=3": "not stages of method 'modula-res'",
+        "adapter.rank=0": "rank must be a positive integer",
+        "method=moe-lora": "unknown method",
+        "model=/nonexistent": "not a local Hugging Face model folder",
+        "train.batch_size=64": "fewer than one optimizer step",
+    }
+    for override, message in cases.items():
+        assert main(["plan", str(config), "--set", override]) == 2, override
+        assert message in capsys.readouterr().err, override
+
+
+def test_plan_prints_every_stage(tmp_path, model_path, capsys):
+    config = _run(tmp_path, "modula-res", model_path)
+    assert main(["plan", str(config)]) == 0
+    out = capsys.readouterr().out
+    for stage in ("universal", "domain:reverse", "domain:upper", "router"):
+        assert stage in out
+    assert not (tmp_path / "run").exists()  # planning trains and writes nothing
+
+
+def test_bf16_checkpointing_packing_interleave_train(tmp_path, model_path):
+    train = {**FAST, "precision": "bf16", "gradient_checkpointing": True}
+    data = {"packing": True, "mixing": "interleave", "probabilities": {"reverse": 1, "upper": 3}}
+    config = _run(tmp_path, "molora", model_path, train=train, data=data)
+    assert main(["train", str(config)]) == 0
+    (cost,) = _costs(tmp_path / "run")
+    assert cost["valid_loss_end"] < cost["valid_loss_start"]

@@ -22,6 +22,7 @@ from .model import MixtureModel
 from .models import load_base
 from .plan import build_stages, load_data, stage_examples
 from .recipe import run_summary
+from .records import read_records, split_records
 from .run_config import ConfigError, RunConfig, TaskData, dump, load_run_config
 from .runs import RunFolder, read_json, write_json
 from .train import StageData, check_stage, make_accelerator, run_stage
@@ -42,12 +43,13 @@ def grown_run(run: RunConfig, task: str, data: str, rank: int | None) -> RunConf
     except ValueError as e:
         raise ConfigError(str(e)) from e
     new = copy.deepcopy(run)
-    new.tasks[task] = TaskData(train=str(path.resolve()), rank=rank)
+    new.tasks[task] = TaskData(train=str(path.resolve()), rank=grown.task_ranks.get(task))
     plain = new.mixture_config().to_dict()
     for key, value in grown.to_dict().items():
         if key not in GROWN_KEYS_SKIPPED and plain[key] != value:
             new.adapter[key] = value
-    assert new.mixture_config() == grown
+    if new.mixture_config() != grown:  # the YAML must rebuild exactly the grown adapter
+        raise RuntimeError(f"cannot express the grown adapter in the run config: {grown}")
     return new
 
 
@@ -117,6 +119,7 @@ def add_task(
     if not all(identical.values()):
         changed = [n for n, same in identical.items() if not same]
         raise RuntimeError(f"old experts changed during add-task: {changed}; nothing was saved")
+    model.set_stage("inference")
     outputs_same = None
     if gated:
         outputs_same = torch.equal(logits_before, _old_task_logits(model, list(run.tasks)))
@@ -137,6 +140,21 @@ def add_task(
     return report
 
 
+def _train_size(run: RunConfig, task: str, splits) -> int:
+    """Training examples of ``task`` (0 when its files are gone: no estimate then)."""
+    if task in splits:
+        return len(splits[task].train)
+    files = run.tasks[task]
+    if not Path(files.train).is_file():
+        return 0
+    records = read_records(files.train, task)
+    if files.valid and files.test:
+        return len(records)
+    v = 0.0 if files.valid else run.data.valid_fraction
+    t = 0.0 if files.test else run.data.test_fraction
+    return len(split_records(records, run.train.seed, v, t)[0])
+
+
 def _report(folder, run, task, costs, splits, identical, outputs_same, model) -> dict:
     """This addition's cost next to an estimate of retraining every task from scratch."""
     addition = {
@@ -147,8 +165,7 @@ def _report(folder, run, task, costs, splits, identical, outputs_same, model) ->
     }
     summary = read_json(folder.root / "cost.json")
     retrain = None
-    old = [t for t in run.tasks if t != task]
-    old_n = sum(len(splits[t].train) for t in old if t in splits)
+    old_n = sum(_train_size(run, t, splits) for t in run.tasks if t != task)
     if summary and old_n:
         # the original plan's measured cost, scaled by the data growth of one more task
         scale = (old_n + len(splits[task].train)) / old_n

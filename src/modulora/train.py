@@ -21,6 +21,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -49,6 +50,9 @@ def make_accelerator(precision: str, tensorboard_dir: str | None = None) -> Acce
     # torchrun/`accelerate launch --multi_gpu` on a machine without CUDA: accelerate runs
     # several CPU processes (gloo) only when told cpu=True
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # accelerate keeps one state per process; a second run in the same process (tests,
+    # notebooks) may use another precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         cpu=multi_cpu,
         mixed_precision="bf16" if precision == "bf16" else "no",
