@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import model_dir
 
 from modulora.cli import main
 from modulora.config import METHODS
-from tiny import model_dir
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
 

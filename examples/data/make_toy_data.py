@@ -16,7 +16,7 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).parent
-WORDS = "apple river stone cloud maple tiger lemon piano orbit candle".split()
+WORDS = ["apple", "river", "stone", "cloud", "maple", "tiger", "lemon", "piano", "orbit", "candle"]
 TASKS = {
     "reverse": ("Reverse the word", lambda w: w[::-1]),
     "upper": ("Write the word in capitals", str.upper),
