@@ -323,3 +323,18 @@ def test_bf16_checkpointing_packing_interleave_train(tmp_path, model_path):
     assert main(["train", str(config)]) == 0
     (cost,) = _costs(tmp_path / "run")
     assert cost["valid_loss_end"] < cost["valid_loss_start"]
+
+
+def test_tensorboard_logs_or_says_how_to_install(tmp_path, model_path, capsys):
+    import importlib.util
+
+    train = {**FAST, "max_steps": 2, "tensorboard": True}
+    config = _run(tmp_path, "lora", model_path, train=train)
+    code = main(["train", str(config)])
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        assert code == 0
+        assert list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+    else:
+        assert code == 2
+        assert "pip install 'modulora[tensorboard]'" in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()

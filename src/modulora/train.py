@@ -10,6 +10,7 @@ weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import random
@@ -46,6 +47,10 @@ def make_accelerator(precision: str, tensorboard_dir: str | None = None) -> Acce
     """The run's accelerator: batches split over processes, bf16 autocast if asked."""
     kwargs = {}
     if tensorboard_dir is not None:
+        if not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+            raise ConfigError(
+                "train.tensorboard needs TensorBoard: pip install 'modulora[tensorboard]'"
+            )
         kwargs = {"log_with": "tensorboard", "project_dir": tensorboard_dir}
     # torchrun/`accelerate launch --multi_gpu` on a machine without CUDA: accelerate runs
     # several CPU processes (gloo) only when told cpu=True
