@@ -20,12 +20,12 @@ from .checkpoint import load
 from .methods import get_method
 from .model import MixtureModel
 from .models import load_base
-from .plan import build_stages, load_data, stage_examples
-from .recipe import run_summary
+from .plan import build_stages, load_data
+from .recipe import enable_checkpointing, run_summary, stage_datasets
 from .records import read_records, split_records
 from .run_config import ConfigError, RunConfig, TaskData, dump, load_run_config
 from .runs import RunFolder, read_json, write_json
-from .train import StageData, check_stage, make_accelerator, run_stage
+from .train import make_accelerator, run_stage
 
 GROWN_KEYS_SKIPPED = ("method", "tasks", "task_ranks")
 
@@ -90,20 +90,18 @@ def add_task(
         raise ConfigError(f"{run_dir} is not a trained modulora run (no config.yaml/state.json)")
     run = load_run_config(folder.config_path, list(overrides))
     new = grown_run(run, task, data, rank)
-    mcfg = new.mixture_config()
-    names = get_method(run.method).add_plan(mcfg, task)
+    try:
+        names = get_method(run.method).add_plan(new.mixture_config(), task)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     stages = build_stages(new, names, suffix=task)
     acc = make_accelerator(run.train.precision)
     base, tokenizer = load_base(run.model)
     splits = load_data(new, stages, tokenizer)
-    stage_data = {
-        s.label: StageData(stage_examples(new, s, splits), stage_examples(new, s, splits, "valid"))
-        for s in stages
-    }
-    for s in stages:
-        check_stage(s, stage_data[s.label], acc.num_processes)
+    stage_data = stage_datasets(new, stages, splits, acc.num_processes)
 
     model = load(base, folder.root)
+    enable_checkpointing(base, run)
     old_experts = model.expert_names()
     before = _snapshot(model, old_experts)
     gated = model.method.task_gated

@@ -68,17 +68,29 @@ def prepare(run: RunConfig, only: str | None = None, num_processes: int = 1) -> 
         raise ConfigError("precision is set once per run (train.precision), not per stage")
     base, tokenizer = load_base(run.model)
     data = load_data(run, stages, tokenizer)
-    stage_data = {
-        s.label: StageData(stage_examples(run, s, data), stage_examples(run, s, data, "valid"))
-        for s in stages
-    }
-    for s in stages:
-        check_stage(s, stage_data[s.label], num_processes)
+    stage_data = stage_datasets(run, stages, data, num_processes)
     set_seed(run.train.seed)  # the adapter's initial weights
     model = attach(base, run.mixture_config())
+    enable_checkpointing(base, run)
+    return Prepared(run, model, tokenizer, stages, data, stage_data)
+
+
+def stage_datasets(
+    run: RunConfig, stages: list[Stage], data: dict[str | None, Split], num_processes: int
+) -> dict[str, StageData]:
+    """Each stage's training and validation examples, checked to make whole steps."""
+    out = {}
+    for s in stages:
+        out[s.label] = StageData(
+            stage_examples(run, s, data), stage_examples(run, s, data, "valid")
+        )
+        check_stage(s, out[s.label], num_processes)
+    return out
+
+
+def enable_checkpointing(base, run: RunConfig) -> None:
     if run.train.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return Prepared(run, model, tokenizer, stages, data, stage_data)
 
 
 def _check_folder(folder: RunFolder, run: RunConfig, resume: bool, only: str | None) -> None:
