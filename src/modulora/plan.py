@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from .data import Example, TokenizeStats, pack, read_records, split_records, tokenize
+from .data import Example, TokenizeStats, mix, pack, read_records, split_records, tokenize
 from .run_config import ConfigError, RunConfig, TrainConfig
 
 UNIVERSAL = None  # the source key of the universal data (its examples have no task)
@@ -147,8 +147,6 @@ def stage_examples(
 
     ``fraction`` takes the same deterministic share of each source's training data.
     """
-    from .data import mix
-
     per_source = {}
     for src in stage.sources:
         examples = getattr(data[src], part)
@@ -157,11 +155,9 @@ def stage_examples(
             keep = max(1, round(stage.train.fraction * len(examples)))
             examples = [examples[i] for i in sorted(rng.sample(range(len(examples)), keep))]
         per_source[src] = _truncate(examples, stage.train.max_length)
+    if part == "valid":  # an even share of the cap for each source
+        cap = max(1, run.data.max_valid_examples // len(per_source))
+        return [e for examples in per_source.values() for e in examples[:cap]]
     if part != "train" or len(per_source) == 1:
-        out = [e for examples in per_source.values() for e in examples]
-    else:
-        probs = run.data.probabilities or None
-        out = mix(per_source, run.data.mixing, probs, run.train.seed)
-    if part == "valid":
-        out = out[: run.data.max_valid_examples]
-    return out
+        return [e for examples in per_source.values() for e in examples]
+    return mix(per_source, run.data.mixing, run.data.probabilities or None, run.train.seed)

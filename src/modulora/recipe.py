@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from accelerate.utils import set_seed
 
@@ -133,6 +133,7 @@ def train_run(run: RunConfig, only: str | None = None, resume: bool = False) -> 
     if acc.is_main_process:
         folder.root.mkdir(parents=True, exist_ok=True)
         folder.config_path.write_text(dump(run), encoding="utf-8")
+        write_json(folder.root / "data.json", data_stats(prep.data))
     if run.train.tensorboard:
         acc.init_trackers("modulora")
     state = folder.state()
@@ -207,6 +208,16 @@ def describe(run: RunConfig) -> tuple[list[dict], list[str]]:
         )
     notes = truncation_notes(prep.data)
     return rows, notes
+
+
+def data_stats(data: dict[str | None, Split]) -> dict:
+    """Per source and split: records, examples, truncated, dropped, tokens (``data.json``)."""
+    return {
+        "universal" if source is None else source: {
+            part: asdict(stats) for part, stats in split.stats.items()
+        }
+        for source, split in data.items()
+    }
 
 
 def truncation_notes(data: dict[str | None, Split]) -> list[str]:

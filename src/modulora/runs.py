@@ -6,6 +6,7 @@
       config.yaml                  the resolved config, re-runnable as is
       manifest.json, experts/, router.safetensors   the adapter after the last stage
       state.json                   stages done, tasks added
+      data.json                    per data source and split: records, truncated, dropped, tokens
       cost.json                    run summary: every stage's cost and the totals
       stages/<stage>/metrics.jsonl, cost.json
       checkpoints/latest.json      -> checkpoints/<stage>-step<N>/ (mid-stage resume)

@@ -232,6 +232,7 @@ def run_stage(
         )
     if progress.step == 0:
         log.eval(0, validation_loss(model, core, data.valid, acc, cfg, pad_id))
+        log.restart_clock()  # tokens/s counts training only
     started = time.perf_counter() - progress.wall_time
     groups = _step_groups(stage, data, acc, progress.step, pad_id)
     while progress.step < steps:
@@ -253,6 +254,7 @@ def run_stage(
     final = validation_loss(model, core, data.valid, acc, cfg, pad_id)
     log.eval(progress.step, final)
     log.close()
+    acc.unwrap_model(model, keep_fp32_wrapper=False)  # drops accelerate's autocast wrapper
     acc.free_memory()
     return {
         "stage": stage.name,
@@ -282,6 +284,9 @@ class _Logger:
         self.bar = tqdm(
             total=steps, initial=start, desc=stage.name, unit="step", disable=not self.main
         )
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
         self.t0, self.tokens0 = time.perf_counter(), 0
 
     def step(self, progress: Progress, stats: dict, lr: float) -> None:
