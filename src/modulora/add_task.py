@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from .checkpoint import load
+from .checkpoint import load, save
 from .methods import get_method
 from .model import MixtureModel
 from .models import load_base
@@ -113,6 +113,9 @@ def add_task(
     for stage in stages:
         cost = run_stage(model, stage, stage_data[stage.label], acc, folder, tokenizer.pad_token_id)
         costs.append(cost)
+        if acc.is_main_process:  # what this stage trained, for the forgetting matrix
+            trained = sorted(model.stage_plan(stage.name).train)
+            save(model, folder.stage_dir(stage.label) / "adapter", only=trained)
     identical = _identical(model, before)
     if not all(identical.values()):
         changed = [n for n, same in identical.items() if not same]

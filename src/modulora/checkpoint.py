@@ -130,10 +130,17 @@ def _layer_dims(layer: MixtureLinear | MoEFFN, d_model: int) -> list[int]:
     return [d_model, d_model] if isinstance(layer, MoEFFN) else [layer.d_in, layer.d_out]
 
 
-def save(model: MixtureModel, directory: str | Path, extra: dict | None = None) -> None:
+def save(
+    model: MixtureModel,
+    directory: str | Path,
+    extra: dict | None = None,
+    only: list[str] | None = None,
+) -> None:
     """Write the adapter of ``model`` to ``directory`` (see module docstring).
 
     ``extra`` entries (e.g. a run's ``stages_done``) are added to the manifest.
+    ``only`` writes only those experts (plus the router): a partial adapter, such
+    as what one stage trained, loaded with ``load_weights(..., partial=True)``.
     """
     from . import __version__
     from .inject import hidden_size
@@ -143,6 +150,8 @@ def save(model: MixtureModel, directory: str | Path, extra: dict | None = None) 
     layout = model.method.layout(cfg)
     experts = []
     for spec in layout.all_experts():
+        if only is not None and spec.name not in only:
+            continue
         _save_tensors(model.expert_state(spec.name), root / _file_name(spec.name))
         experts.append(
             {
@@ -173,6 +182,7 @@ def save(model: MixtureModel, directory: str | Path, extra: dict | None = None) 
         "tasks": cfg.tasks,
         "stage": model.stage,
         "experts": experts,
+        "partial": only is not None,
         "router_file": "router.safetensors",
         "base_io_file": base_io,
         "base_model": {
@@ -260,10 +270,14 @@ def _copy_into(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor])
             t.copy_(source[k].to(t.dtype))
 
 
-def load_weights(mixture: MixtureModel, directory: str | Path) -> None:
+def load_weights(
+    mixture: MixtureModel, directory: str | Path, partial: bool = False, router: bool = True
+) -> None:
     """Copy the weights saved in ``directory`` into ``mixture`` (same config), in place.
 
-    Every file is read and checked before any weight is changed.
+    Every file is read and checked before any weight is changed. ``partial`` accepts
+    an adapter holding only some of the model's experts (the others are left as they are);
+    ``router=False`` leaves the routers as they are.
 
     Raises:
         FileNotFoundError / ValueError: missing or corrupt files, experts or shapes that
@@ -276,13 +290,15 @@ def load_weights(mixture: MixtureModel, directory: str | Path) -> None:
     base_io = (
         _read_tensors(root, manifest["base_io_file"]) if manifest.get("base_io_file") else None
     )
-    if sorted(files) != sorted(mixture.expert_names()):
+    names = mixture.expert_names()
+    if (not set(files) <= set(names)) if partial else sorted(files) != sorted(names):
         raise ValueError(
             f"{root}: manifest experts {sorted(files)} do not match the model's "
             f"{sorted(mixture.expert_names())}"
         )
     pairs = [(mixture.expert_state(n), t, str(root / _file_name(n))) for n, t in files.items()]
-    pairs.append((router_state(mixture), routers, str(root / manifest["router_file"])))
+    if router:
+        pairs.append((router_state(mixture), routers, str(root / manifest["router_file"])))
     if base_io is not None:
         pairs.append((base_io_state(mixture), base_io, str(root / manifest["base_io_file"])))
     for target, source, what in pairs:

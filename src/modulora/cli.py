@@ -110,6 +110,35 @@ def _add_task(args) -> None:
     console.print(f"report: {args.run_dir}/add-task-{report['task']}.json")
 
 
+def _eval(args) -> None:
+    from .eval_run import evaluate_run
+    from .report import score_rows
+
+    forgetting = False if args.no_forgetting else None
+    results = evaluate_run(args.run_dir, args.tasks, args.base, forgetting, args.set)
+    table = Table(title=f"{results['method']}: test scores (%)")
+    for col in ("task", "metric", "base", "run", "change"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for row in score_rows(results):
+        table.add_row(*(c.replace("**", "") for c in row))
+    console = _console()
+    console.print(table)
+    for key in ("mmlu", "perplexity"):
+        if key in results["model"]:
+            base = (results.get("base") or {}).get(key)
+            was = f" (base {base:.2f})" if base is not None else ""
+            console.print(f"{key}: {results['model'][key]:.2f}{was}")
+    console.print(f"report: {args.run_dir}/eval/report.md")
+
+
+def _compare(args) -> None:
+    from .report import compare_runs
+
+    table, path = compare_runs(args.run_dirs, args.out)
+    print(table)
+    print(f"\nwritten: {path}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modulora", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -139,6 +168,21 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("--rank", type=int, help="rank of the new expert (default: adapter.rank)")
     add.add_argument("--set", **overrides)
     add.set_defaults(func=_add_task)
+
+    ev = sub.add_parser(
+        "eval", help="score a run (and its base): tasks, general ability, forgetting"
+    )
+    ev.add_argument("run_dir")
+    ev.add_argument("--tasks", nargs="+", help="only these tasks (default: all)")
+    ev.add_argument("--base", action="store_true", help="also score the base model alone")
+    ev.add_argument("--no-forgetting", action="store_true", help="skip the per-stage matrix")
+    ev.add_argument("--set", **overrides)
+    ev.set_defaults(func=_eval)
+
+    cmp = sub.add_parser("compare", help="evaluated runs side by side: one table, one plot")
+    cmp.add_argument("run_dirs", nargs="+")
+    cmp.add_argument("--out", default="runs/compare", help="folder for compare.md and compare.png")
+    cmp.set_defaults(func=_compare)
     return p
 
 

@@ -95,21 +95,28 @@ def check_stage_overrides(run: RunConfig, names: list[str]) -> None:
         )
 
 
+def source_records(run: RunConfig, source: str | None, known: list[str] | None = None):
+    """(train, valid, test) records of one task (or the universal data), split by seed
+    where the config gives no valid/test file: the same split for training and eval."""
+    files = run.universal if source is UNIVERSAL else run.tasks[source]
+    train = read_records(files.train, source, known)
+    valid = read_records(files.valid, source, known) if files.valid else None
+    test = read_records(files.test, source, known) if files.test else None
+    if valid is None or test is None:
+        v_frac = 0.0 if valid is not None else run.data.valid_fraction
+        t_frac = 0.0 if test is not None else run.data.test_fraction
+        train, v_split, t_split = split_records(train, run.train.seed, v_frac, t_frac)
+        valid = valid if valid is not None else v_split
+        test = test if test is not None else t_split
+    return train, valid, test
+
+
 def load_source(
     run: RunConfig, source: str | None, tokenizer, max_length: int, known: list[str]
 ) -> Split:
     """Read, split and tokenize one task's (or the universal) files."""
     files = run.universal if source is UNIVERSAL else run.tasks[source]
-    train = read_records(files.train, source, known)
-    valid = read_records(files.valid, source, known) if files.valid else None
-    test = read_records(files.test, source, known) if files.test else None
-    seed = run.train.seed
-    if valid is None or test is None:
-        v_frac = 0.0 if valid is not None else run.data.valid_fraction
-        t_frac = 0.0 if test is not None else run.data.test_fraction
-        train, v_split, t_split = split_records(train, seed, v_frac, t_frac)
-        valid = valid if valid is not None else v_split
-        test = test if test is not None else t_split
+    train, valid, test = source_records(run, source, known)
     out = Split([], [], [])
     for part, records in (("train", train), ("valid", valid), ("test", test)):
         examples, stats = tokenize(records, tokenizer, max_length) if records else ([], None)

@@ -157,7 +157,7 @@ def train_run(run: RunConfig, only: str | None = None, resume: bool = False) -> 
             state["stages_done"].append(stage.key)
         if acc.is_main_process:
             write_json(folder.stage_dir(stage.label) / "cost.json", cost)
-            folder.save_adapter(prep.model, state)
+            folder.save_stage_adapter(prep.model, stage.label, state)
             folder.clear_checkpoints()
         acc.wait_for_everyone()
     summary = run_summary(folder, prep.model)

@@ -32,6 +32,7 @@ from .config import MixtureConfig
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16")
 MIXING = ("concat", "interleave")
+METRICS = ("exact", "classification", "chrf")
 
 
 class ConfigError(ValueError):
@@ -47,12 +48,45 @@ class TaskData:
         valid: validation records; default: ``data.valid_fraction`` of ``train``, split by seed.
         test: test records; default: ``data.test_fraction`` of ``train``, split by seed.
         rank: rank of this task's expert (default: ``adapter.rank``).
+        metric: how ``modulora eval`` scores generated answers on the test split:
+            ``exact`` (exact match), ``classification`` (accuracy over ``labels``)
+            or ``chrf`` (chrF, sacrebleu, for free text).
+        labels: the answers of a classification task (a prediction counts as the
+            label it starts with).
     """
 
     train: str
     valid: str | None = None
     test: str | None = None
     rank: int | None = None
+    metric: str = "exact"
+    labels: list[str] | None = None
+
+
+@dataclass
+class EvalConfig:
+    """What ``modulora eval`` measures.
+
+    Attributes:
+        max_examples: test examples per task (first N of the test split).
+        max_new_tokens: generation length for answers (greedy).
+        batch_size: rows per generation/scoring batch.
+        mmlu: general-ability probe, JSONL of ``{"question", "choices", "answer"}``
+            scored by the log-likelihood of the answer letter (None: skipped).
+        text: held-out general text (``{"text": ...}`` JSONL) for perplexity (None: skipped).
+        probe_examples: questions/texts used from each probe file.
+        forgetting: also score every task after every stage (the forgetting matrix).
+        forgetting_examples: test examples per task for the forgetting matrix.
+    """
+
+    max_examples: int = 100
+    max_new_tokens: int = 16
+    batch_size: int = 8
+    mmlu: str | None = None
+    text: str | None = None
+    probe_examples: int = 200
+    forgetting: bool = True
+    forgetting_examples: int = 30
 
 
 @dataclass
@@ -162,6 +196,7 @@ class RunConfig:
         stages: per-stage overrides of ``train`` keys, by stage name (``universal``,
             ``domain`` for every domain stage or ``domain:<task>`` for one,
             ``router``, ``joint``).
+        eval: ``EvalConfig``.
         output_dir: the run folder.
     """
 
@@ -173,6 +208,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/run"
 
     def mixture_config(self) -> MixtureConfig:
@@ -278,11 +314,20 @@ def from_dict(data: dict[str, Any], base: Path, where: str = "config") -> RunCon
         data=_build(DataConfig, data.get("data"), f"{where}: data"),
         train=_build(TrainConfig, data.get("train"), f"{where}: train"),
         stages=dict(data.get("stages") or {}),
+        eval=_build(EvalConfig, data.get("eval"), f"{where}: eval"),
         output_dir=str((base / str(data.get("output_dir", "runs/run"))).resolve()),
     )
     for key in ("method", "tasks", "task_ranks"):
         if key in cfg.adapter:
             raise ConfigError(f"{where}: set adapter.{key} at the top level / under tasks instead")
+    for key in ("mmlu", "text"):
+        value = getattr(cfg.eval, key)
+        if value is not None:
+            setattr(cfg.eval, key, str((base / str(value)).resolve()))
+    for name, td in cfg.tasks.items():
+        _choice(f"{where}: tasks.{name}.metric", td.metric, METRICS)
+        if td.metric == "classification" and not td.labels:
+            raise ConfigError(f"{where}: tasks.{name}: a classification task needs its labels")
     cfg.mixture_config()  # validates method, task names and adapter keys
     _choice(f"{where}: data.mixing", cfg.data.mixing, MIXING)
     for name, overrides in cfg.stages.items():

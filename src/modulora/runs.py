@@ -9,6 +9,7 @@
       data.json                    per data source and split: records, truncated, dropped, tokens
       cost.json                    run summary: every stage's cost and the totals
       stages/<stage>/metrics.jsonl, cost.json
+      stages/<stage>/adapter/      what the stage trained (its experts, the router)
       checkpoints/latest.json      -> checkpoints/<stage>-step<N>/ (mid-stage resume)
 
 Every file is written to a temporary name and renamed. A mid-stage checkpoint is
@@ -99,6 +100,14 @@ class RunFolder:
         """The adapter after a stage, then ``state.json`` (so 'done' is never ahead of weights)."""
         save(model, self.root, extra={"stages_done": state["stages_done"]})
         self.write_state(state)
+
+    def save_stage_adapter(self, model: MixtureModel, label: str, state: dict) -> None:
+        """The adapter after a stage, then ``state.json``; and, under ``stages/<label>/adapter``,
+        what the stage trained (its experts and the router): the forgetting matrix
+        rebuilds the model after any stage from these."""
+        trained = sorted(model.stage_plan(model.stage).train)
+        save(model, self.stage_dir(label) / "adapter", only=trained)
+        self.save_adapter(model, state)
 
     def latest_checkpoint(self) -> dict | None:
         return read_json(self.root / "checkpoints" / "latest.json")

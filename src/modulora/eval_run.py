@@ -1,0 +1,162 @@
+"""``modulora eval RUN_DIR``: score a run (and its base) and write ``eval/``.
+
+For the run's final adapter and, with ``--base``, the base model alone: each
+task's metric on its test split, the general-ability probe (MMLU log-likelihood
+accuracy, perplexity on held-out text) and, for token routers, router health.
+The forgetting matrix scores every task after every stage, rebuilding the model
+after stage k from what each stage saved (``stages/<stage>/adapter``); backward
+transfer is the mean change of a task's score from the stage that trained it to
+the end.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from accelerate.utils import set_seed
+
+from .checkpoint import load, load_weights, read_manifest
+from .config import MixtureConfig
+from .evaluate import generate_answers, mmlu_accuracy, perplexity, router_health, score
+from .model import MixtureModel, attach
+from .models import load_base
+from .plan import source_records, stage_label
+from .records import Record
+from .run_config import ConfigError, EvalConfig, RunConfig, load_run_config
+from .runs import RunFolder, write_json
+
+
+def _jsonl(path: str, limit: int) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return rows[:limit]
+
+
+def probe_task(model) -> str | None:
+    """The task a task-gated model answers general questions as (its first); None otherwise."""
+    if isinstance(model, MixtureModel) and model.method.task_gated:
+        return model.mixture_config.tasks[0]
+    return None
+
+
+def score_tasks(model, tokenizer, run: RunConfig, test: dict[str, list[Record]], cfg) -> dict:
+    """Each task's score on ``test`` and a few (prompt, prediction, reference) samples."""
+    out = {}
+    for task, records in test.items():
+        preds = generate_answers(
+            model, tokenizer, records, cfg.max_new_tokens, cfg.batch_size, desc=task
+        )
+        refs = [r.response for r in records]
+        td = run.tasks[task]
+        samples = [
+            {"prompt": r.prompt, "prediction": p, "reference": r.response}
+            for r, p in list(zip(records, preds, strict=True))[:5]
+        ]
+        out[task] = {
+            "metric": td.metric,
+            "score": score(td.metric, preds, refs, td.labels),
+            "n": len(records),
+            "samples": samples,
+        }
+    return out
+
+
+def score_probes(model, tokenizer, cfg: EvalConfig, max_length: int) -> dict:
+    task = probe_task(model)
+    out = {"probe_task": task}
+    if cfg.mmlu:
+        questions = _jsonl(cfg.mmlu, cfg.probe_examples)
+        out["mmlu"] = mmlu_accuracy(model, tokenizer, questions, task, cfg.batch_size)
+    if cfg.text:
+        texts = [r["text"] for r in _jsonl(cfg.text, cfg.probe_examples)]
+        out["perplexity"] = perplexity(model, tokenizer, texts, task, max_length, cfg.batch_size)
+    return out
+
+
+def model_after(folder: RunFolder, keys: list[str], base, seed: int) -> MixtureModel:
+    """The adapter as it was after the last stage in ``keys`` (all stages up to it, in order)."""
+    last = folder.stage_dir(stage_label(keys[-1])) / "adapter"
+    cfg = MixtureConfig.from_dict(read_manifest(last)["config"])
+    set_seed(seed)  # untrained experts start as at attach time (B = 0: no-ops)
+    model = attach(base, cfg)
+    for key in keys:
+        snap = folder.stage_dir(stage_label(key)) / "adapter"
+        # routers grow with add-task: only the last stage's router fits this model
+        load_weights(model, snap, partial=True, router=snap == last)
+    model.set_stage("inference")
+    return model
+
+
+def forgetting_matrix(folder, run, base, tokenizer, test, cfg) -> dict | None:
+    """Scores of every task after every stage, and backward transfer."""
+    keys = folder.state()["stages_done"]
+    if len(keys) < 2 or not all(
+        (folder.stage_dir(stage_label(k)) / "adapter" / "manifest.json").is_file() for k in keys
+    ):
+        return None
+    small = {t: r[: cfg.forgetting_examples] for t, r in test.items()}
+    rows = []
+    for k in range(len(keys)):
+        model = model_after(folder, keys[: k + 1], base, run.train.seed)
+        known = {t: r for t, r in small.items() if t in model.mixture_config.tasks}
+        scored = score_tasks(model, tokenizer, run, known, cfg)
+        rows.append({t: scored[t]["score"] if t in scored else None for t in small})
+        model.detach()
+    trained_at = {}
+    for k, key in enumerate(keys):
+        name = key.split("@")[0]
+        for t in small:
+            learns = name in ("joint", "router") or name == f"domain:{t}"
+            if t not in trained_at and learns and rows[k][t] is not None:
+                trained_at[t] = k
+    deltas = {t: rows[-1][t] - rows[k][t] for t, k in trained_at.items() if k < len(keys) - 1}
+    bwt = sum(deltas.values()) / len(deltas) if deltas else None
+    return {"stages": keys, "tasks": list(small), "scores": rows, "change": deltas, "bwt": bwt}
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    tasks: list[str] | None = None,
+    with_base: bool = False,
+    forgetting: bool | None = None,
+    overrides=(),
+) -> dict:
+    """Score the run in ``run_dir``; write ``eval/results.json`` and ``eval/report.md``.
+
+    Raises:
+        ConfigError: not a run, unknown task names.
+    """
+    from .report import write_report
+
+    folder = RunFolder(run_dir)
+    if not (folder.root / "manifest.json").is_file():
+        raise ConfigError(f"{run_dir} is not a trained modulora run (no manifest.json)")
+    run = load_run_config(folder.config_path, list(overrides))
+    cfg = run.eval
+    names = tasks or list(run.tasks)
+    unknown = [t for t in names if t not in run.tasks]
+    if unknown:
+        raise ConfigError(f"unknown task(s) {unknown}; the run's tasks: {list(run.tasks)}")
+    test = {t: source_records(run, t, list(run.tasks))[2][: cfg.max_examples] for t in names}
+    base, tokenizer = load_base(run.model)
+    results = {"run": str(folder.root), "method": run.method, "tasks": names}
+    if with_base:
+        results["base"] = {
+            "tasks": score_tasks(base, tokenizer, run, test, cfg),
+            **score_probes(base, tokenizer, cfg, run.train.max_length),
+        }
+    model = load(base, folder.root)
+    results["model"] = {
+        "tasks": score_tasks(model, tokenizer, run, test, cfg),
+        **score_probes(model, tokenizer, cfg, run.train.max_length),
+    }
+    every = [r for records in test.values() for r in records[: cfg.forgetting_examples]]
+    results["routing"] = router_health(model, tokenizer, every, cfg.batch_size)
+    base = model.detach()
+    if cfg.forgetting if forgetting is None else forgetting:
+        results["forgetting"] = forgetting_matrix(folder, run, base, tokenizer, test, cfg)
+    out = folder.root / "eval"
+    write_json(out / "results.json", results)
+    write_report(out, results)
+    return results

@@ -1,0 +1,234 @@
+"""Scoring a model: task answers, the general-ability probe, router health.
+
+Works on a ``MixtureModel`` (routed by task or by token) and on a plain Hugging
+Face model (the base), with the same prompts the trainer used (``data.py``):
+answers are generated greedily in left-padded batches and compared with the
+reference by the task's metric; MMLU is scored by the log-likelihood of the
+answer letter; perplexity is measured on held-out text.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from sacrebleu.metrics import CHRF
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import IGNORE, Record, format_record
+from .gates import TokenRouter
+from .model import MixtureModel
+
+
+def _task_kw(model: nn.Module, tasks: list[str | None]) -> dict:
+    """``task=`` for a MixtureModel (None when the rows carry no task), nothing for a base."""
+    if not isinstance(model, MixtureModel):
+        return {}
+    return {"task": None if any(t is None for t in tasks) else list(tasks)}
+
+
+def prompt_ids(record: Record, tokenizer) -> list[int]:
+    """The tokens before the first answer token: the prompt exactly as in training."""
+    ids, labels = format_record(record, tokenizer)
+    first = next((i for i, label in enumerate(labels) if label != IGNORE), len(ids))
+    return ids[:first]
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])  # (B, T)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def _batches(n: int, size: int, desc: str):
+    return tqdm(range(0, n, size), desc=desc, unit="batch", leave=False)
+
+
+@torch.no_grad()
+def generate_answers(
+    model: nn.Module,
+    tokenizer,
+    records: list[Record],
+    max_new_tokens: int = 16,
+    batch_size: int = 8,
+    desc: str = "generate",
+) -> list[str]:
+    """Greedy answers to ``records`` (each row routed by its own task), first line only."""
+    model.eval()
+    pad = tokenizer.pad_token_id
+    out = []
+    for start in _batches(len(records), batch_size, desc):
+        chunk = records[start : start + batch_size]
+        ids, mask = _left_pad([prompt_ids(r, tokenizer) for r in chunk], pad)
+        new = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            **_task_kw(model, [r.task for r in chunk]),
+        )[:, ids.shape[1] :]
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        out += [t.strip().split("\n")[0].strip() for t in texts]
+    return out
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"[^\w]+", " ", text.lower()).strip()
+
+
+def score(metric: str, predictions: list[str], references: list[str], labels=None) -> float:
+    """Task score in [0, 100]: exact match, classification accuracy or chrF."""
+    if not predictions:
+        return float("nan")
+    if metric == "chrf":
+        return CHRF().corpus_score(predictions, [references]).score
+    if metric == "classification":
+        by_norm = {_norm(label): label for label in labels or []}
+        chosen = [
+            next((lab for n, lab in by_norm.items() if _norm(p).startswith(n)), p)
+            for p in predictions
+        ]
+        hits = [_norm(c) == _norm(r) for c, r in zip(chosen, references, strict=True)]
+    else:
+        hits = [_norm(p) == _norm(r) for p, r in zip(predictions, references, strict=True)]
+    return 100.0 * sum(hits) / len(hits)
+
+
+def mmlu_prompt(q: dict) -> str:
+    letters = "ABCD"
+    options = "\n".join(f"{letters[i]}. {c}" for i, c in enumerate(q["choices"]))
+    return f"Question: {q['question']}\n{options}\nAnswer:"
+
+
+@torch.no_grad()
+def mmlu_accuracy(
+    model: nn.Module, tokenizer, questions: list[dict], task=None, batch_size: int = 8
+) -> float:
+    """Accuracy (%) of the answer letter with the highest next-token log-likelihood."""
+    model.eval()
+    letters = [tokenizer(f" {c}", add_special_tokens=False)["input_ids"][-1] for c in "ABCD"]
+    right = 0
+    for start in _batches(len(questions), batch_size, "mmlu"):
+        chunk = questions[start : start + batch_size]
+        rows = [tokenizer(mmlu_prompt(q), add_special_tokens=False)["input_ids"] for q in chunk]
+        ids, mask = _left_pad(rows, tokenizer.pad_token_id)
+        logits = model(input_ids=ids, attention_mask=mask, **_task_kw(model, [task] * len(chunk)))
+        last = logits.logits[:, -1, letters]  # (B, 4): left padding puts every prompt's end last
+        right += sum(
+            int(p == q["answer"]) for p, q in zip(last.argmax(-1).tolist(), chunk, strict=True)
+        )
+    return 100.0 * right / max(len(questions), 1)
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module, tokenizer, texts: list[str], task=None, max_length: int = 256, batch_size=8
+) -> float:
+    """exp(mean next-token loss) over ``texts`` (each truncated to ``max_length`` tokens)."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in _batches(len(texts), batch_size, "perplexity"):
+        chunk = texts[start : start + batch_size]
+        rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in chunk]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        out = model(input_ids=ids, attention_mask=mask, **_task_kw(model, [task] * len(chunk)))
+        labels = ids.masked_fill(mask == 0, IGNORE)[:, 1:]
+        loss = F.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), labels, reduction="sum")
+        total, count = total + float(loss), count + int((labels != IGNORE).sum())
+    return math.exp(total / max(count, 1))
+
+
+@contextmanager
+def routing_recorder(model: MixtureModel):
+    """Record token-router weights: per layer, summed per task, over real tokens.
+
+    Yields a dict filled during the ``with`` block: ``{"sums": {(layer, task): (E,)},
+    "entropy": {layer: float sum}, "tokens": {(layer, task): int}}``.
+    """
+    stats = {"sums": defaultdict(float), "entropy": defaultdict(float), "tokens": defaultdict(int)}
+    tasks = model.mixture_config.tasks
+    handles = []
+
+    def hook(name):
+        def record(module, args, out):
+            x, route = args
+            w = out.weights.detach().float()  # (B, T, E)
+            mask = torch.ones(w.shape[:-1], dtype=torch.bool)
+            if (
+                route is not None
+                and route.token_mask is not None
+                and route.token_mask.shape == mask.shape
+            ):
+                mask = route.token_mask.bool()
+            ids = route.task_ids if route is not None and route.task_ids is not None else None
+            ent = -(w.clamp_min(1e-12).log() * w).sum(-1)  # (B, T)
+            stats["entropy"][name] += float(ent[mask].sum())
+            for row in range(w.shape[0]):
+                task = tasks[int(ids[row])] if ids is not None else None
+                sel = w[row][mask[row]]
+                stats["sums"][(name, task)] = stats["sums"][(name, task)] + sel.sum(0)
+                stats["tokens"][(name, task)] += int(sel.shape[0])
+
+        return record
+
+    for name, layer in model.layers.items():
+        router = getattr(layer, "modulora_router", None)
+        if isinstance(router, TokenRouter):
+            handles.append(router.register_forward_hook(hook(name)))
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def router_health(model: MixtureModel, tokenizer, records: list[Record], batch_size: int = 8):
+    """Per-layer expert load share and routing entropy, and task -> expert shares.
+
+    Runs the answers' prompts and references (teacher forced) through the model.
+    Returns None for methods without token routers.
+    """
+    if not any(
+        isinstance(getattr(m, "modulora_router", None), TokenRouter) for m in model.layers.values()
+    ):
+        return None
+    model.eval()
+    with routing_recorder(model) as stats:
+        for start in _batches(len(records), batch_size, "routing"):
+            chunk = records[start : start + batch_size]
+            rows = [format_record(r, tokenizer)[0] for r in chunk]
+            ids, mask = _left_pad(rows, tokenizer.pad_token_id)
+            model(input_ids=ids, attention_mask=mask, **_task_kw(model, [r.task for r in chunk]))
+    return summarize_routing(stats, model.method.layout(model.mixture_config).experts)
+
+
+def summarize_routing(stats: dict, experts) -> dict:
+    names = [e.name for e in experts]
+    layers = sorted({layer for layer, _ in stats["sums"]})
+    per_layer, per_task, counts = {}, defaultdict(lambda: 0.0), defaultdict(int)
+    for layer in layers:
+        keys = [k for k in stats["sums"] if k[0] == layer]
+        total = sum(stats["sums"][k] for k in keys)
+        tokens = sum(stats["tokens"][k] for k in keys)
+        share = (total / max(tokens, 1)).tolist()
+        per_layer[layer] = {"load": share, "entropy": stats["entropy"][layer] / max(tokens, 1)}
+        for _, task in keys:
+            per_task[task] = per_task[task] + stats["sums"][(layer, task)]
+            counts[task] += stats["tokens"][(layer, task)]
+    task_share = {str(t): (per_task[t] / max(counts[t], 1)).tolist() for t in per_task}
+    return {
+        "experts": names,
+        "layers": per_layer,
+        "tasks": task_share,
+        "max_entropy": math.log(len(names)),
+    }
