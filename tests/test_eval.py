@@ -1,0 +1,150 @@
+"""Evaluation: metrics, probes, router health, the forgetting matrix, reports, compare."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import model_dir, records, tokenizer, write_jsonl, write_run
+
+import modulora
+from modulora.cli import main
+from modulora.eval_run import model_after
+from modulora.evaluate import mmlu_accuracy, perplexity, prompt_ids, router_health, score
+from modulora.records import Record
+from modulora.runs import RunFolder
+
+TRAIN = {"lr": 1e-2, "max_steps": 4, "max_length": 40}
+EVAL = {"max_examples": 6, "max_new_tokens": 4, "forgetting_examples": 3, "probe_examples": 6}
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return model_dir(tmp_path_factory.mktemp("model") / "tiny-llama")
+
+
+def test_scores():
+    assert score("exact", ["CBA ", "x"], ["cba", "y"]) == 50.0
+    labels = ["positive", "negative"]
+    # a classification answer counts as the label it starts with
+    assert (
+        score("classification", ["Positive, clearly", "neg"], ["positive", "negative"], labels)
+        == 50.0
+    )
+    assert score("chrf", ["the cat sat"], ["the cat sat"]) == pytest.approx(100.0)
+    assert 0 < score("chrf", ["the cat"], ["the cat sat"]) < 100
+
+
+def test_prompt_ids_are_the_masked_prefix():
+    tok = tokenizer(chat=True)
+    rec = Record(task="t", kind="prompt", prompt="reverse: abc", response="cba", where="x:1")
+    ids = prompt_ids(rec, tok)
+    text = tok.decode(ids)
+    assert text.endswith("<|assistant|>") and "reverse: abc" in text and "cba" not in text
+
+
+def test_probes_match_direct_computation(model_path):
+    base, tok = modulora.models.load_base(str(model_path))
+    texts = ["the quick brown fox", "jumps over the lazy dog and more"]
+    ppl = perplexity(base, tok, texts)
+    losses, counts = 0.0, 0
+    for t in texts:  # one text at a time, no padding
+        ids = tok(t, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        logits = base(input_ids=ids).logits[:, :-1]
+        losses += float(F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="sum"))
+        counts += ids.shape[1] - 1
+    assert ppl == pytest.approx(math.exp(losses / counts), rel=1e-4)
+    questions = [
+        {"question": "pick", "choices": ["a", "b", "c", "d"], "answer": i} for i in range(4)
+    ]
+    acc = mmlu_accuracy(base, tok, questions)
+    assert acc in (0.0, 25.0, 50.0, 75.0, 100.0)
+    # every question has the same prompt, so exactly one answer index is right
+    assert acc == 25.0
+
+
+def test_router_health_shares(model_path, tmp_path):
+    base, tok = modulora.models.load_base(str(model_path))
+    model = modulora.attach(
+        base, modulora.MixtureConfig(method="molora", tasks=["reverse", "upper"], num_experts=3)
+    )
+    recs = [
+        Record(t, "prompt", prompt=r["prompt"], response=r["response"], where="x")
+        for t in ("reverse", "upper")
+        for r in records(t, 3)
+    ]
+    health = router_health(model, tok, recs, batch_size=4)
+    assert health["experts"] == ["expert:0", "expert:1", "expert:2"]
+    assert set(health["tasks"]) == {"reverse", "upper"}
+    for shares in [*health["tasks"].values(), *(i["load"] for i in health["layers"].values())]:
+        assert sum(shares) == pytest.approx(1.0, abs=1e-5)
+    assert all(0 < i["entropy"] <= health["max_entropy"] + 1e-6 for i in health["layers"].values())
+    lora = modulora.attach(model.detach(), modulora.MixtureConfig(method="lora"))
+    assert router_health(lora, tok, recs) is None  # no token router, nothing to report
+
+
+def _snapshot_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_forgetting_matrix_rebuilds_each_stage(tmp_path, model_path):
+    config = write_run(tmp_path, "modula-res", model_path, train=TRAIN, eval=EVAL)
+    run = tmp_path / "run"
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for stage in ("universal", "domain:reverse", "domain:upper", "router"):
+        assert main(["train", str(config), "--stage", stage]) == 0
+        base, _ = modulora.models.load_base(str(model_path))
+        logits.append(_snapshot_logits(modulora.load(base, run), ids))
+    folder = RunFolder(run)
+    keys = folder.state()["stages_done"]
+    base, _ = modulora.models.load_base(str(model_path))
+    for k in range(len(keys)):  # the model rebuilt after stage k == the adapter saved then
+        rebuilt = model_after(folder, keys[: k + 1], base, seed=0)
+        torch.testing.assert_close(_snapshot_logits(rebuilt, ids), logits[k], rtol=0, atol=1e-6)
+        base = rebuilt.detach()
+
+
+def test_eval_report_and_compare(tmp_path, model_path, capsys):
+    mmlu = [
+        {"question": f"q{i}", "choices": ["a", "b", "c", "d"], "answer": i % 4} for i in range(6)
+    ]
+    probes = {
+        "mmlu": str(write_jsonl(tmp_path / "mmlu.jsonl", mmlu)),
+        "text": str(write_jsonl(tmp_path / "text.jsonl", [{"text": "the lazy dog"}] * 4)),
+    }
+    runs = []
+    for method in ("modula-res", "lora"):
+        folder = tmp_path / method
+        config = write_run(folder, method, model_path, train=TRAIN, eval={**EVAL, **probes})
+        assert main(["train", str(config)]) == 0
+        assert main(["eval", str(folder / "run"), "--base"]) == 0
+        runs.append(folder / "run")
+    out = capsys.readouterr().out
+    assert "test scores" in out and "mmlu" in out
+    results = json.loads((runs[0] / "eval" / "results.json").read_text())
+    assert set(results["model"]["tasks"]) == {"reverse", "upper"}
+    assert results["model"]["tasks"]["reverse"]["n"] == 5  # 10% of 48 records, under the cap of 6
+    assert results["base"]["mmlu"] is not None and results["model"]["perplexity"] > 1
+    assert results["forgetting"]["stages"] == [
+        "universal",
+        "domain:reverse",
+        "domain:upper",
+        "router",
+    ]
+    assert results["routing"]["experts"] == ["domain:reverse", "domain:upper"]
+    report = (runs[0] / "eval" / "report.md").read_text()
+    for png in ("scores.png", "forgetting.png", "routing.png"):
+        assert (runs[0] / "eval" / png).stat().st_size > 1000 and png in report
+    lora = json.loads((runs[1] / "eval" / "results.json").read_text())
+    assert lora["forgetting"] is None and lora["routing"] is None  # one stage, no router
+    assert main(["compare", *map(str, runs), "--out", str(tmp_path / "cmp")]) == 0
+    table = capsys.readouterr().out
+    assert "run (modula-res)" in table and "run (lora)" in table and "MMLU" in table
+    assert (tmp_path / "cmp" / "compare.png").is_file()
+    assert main(["eval", str(runs[0]), "--tasks", "nope"]) == 2
+    assert main(["compare", str(tmp_path / "missing")]) == 2
