@@ -179,3 +179,14 @@ def test_bf16_paths_follow_fp32_within_bf16_tolerance(method, mode):
         assert all(torch.isfinite(p.grad).all() for p in trained if p.grad is not None)
         logits[dtype] = out.logits.float()
     torch.testing.assert_close(logits[torch.bfloat16], logits[torch.float32], atol=0.1, rtol=0.05)
+
+
+def test_layers_to_transform_adapts_only_those_blocks(family):
+    model = modulora.attach(
+        tiny_model(family), modulora.MixtureConfig(method="lora", layers_to_transform=[-1])
+    )
+    everything = modulora.attach(tiny_model(family), modulora.MixtureConfig(method="lora"))
+    assert 0 < len(model.layers) == len(everything.layers) // 2  # 1 of 2 blocks
+    assert all(".1." in name for name in model.layers)
+    with pytest.raises(ValueError, match="empty"):
+        modulora.MixtureConfig(method="lora", layers_to_transform=[])

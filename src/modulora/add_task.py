@@ -23,15 +23,20 @@ from .models import load_base
 from .plan import build_stages, load_data
 from .recipe import enable_checkpointing, run_summary, stage_datasets
 from .records import read_records, split_records
-from .run_config import ConfigError, RunConfig, TaskData, dump, load_run_config
+from .run_config import METRICS, ConfigError, RunConfig, TaskData, dump, load_run_config
 from .runs import RunFolder, read_json, write_json
 from .train import make_accelerator, run_stage
 
 GROWN_KEYS_SKIPPED = ("method", "tasks", "task_ranks")
 
 
-def grown_run(run: RunConfig, task: str, data: str, rank: int | None) -> RunConfig:
-    """The run config with ``task`` added; adapter keys the growth changed are recorded."""
+def grown_run(
+    run: RunConfig, task: str, data: str, rank: int | None, files: dict | None = None
+) -> RunConfig:
+    """The run config with ``task`` added; adapter keys the growth changed are recorded.
+
+    ``files`` may give the task's ``valid``/``test`` files, ``metric`` and ``labels``.
+    """
     if task in run.tasks:
         raise ConfigError(f"task {task!r} is already in the run; its tasks: {list(run.tasks)}")
     path = Path(data)
@@ -43,7 +48,16 @@ def grown_run(run: RunConfig, task: str, data: str, rank: int | None) -> RunConf
     except ValueError as e:
         raise ConfigError(str(e)) from e
     new = copy.deepcopy(run)
-    new.tasks[task] = TaskData(train=str(path.resolve()), rank=grown.task_ranks.get(task))
+    extra = {k: v for k, v in (files or {}).items() if v is not None}
+    for key in ("valid", "test"):
+        if key in extra:
+            if not Path(extra[key]).is_file():
+                raise ConfigError(f"--{key} {extra[key]}: file not found")
+            extra[key] = str(Path(extra[key]).resolve())
+    new.tasks[task] = TaskData(train=str(path.resolve()), rank=grown.task_ranks.get(task), **extra)
+    td = new.tasks[task]
+    if td.metric not in METRICS or (td.metric == "classification" and not td.labels):
+        raise ConfigError(f"--metric must be one of {METRICS} (classification needs --labels)")
     plain = new.mixture_config().to_dict()
     for key, value in grown.to_dict().items():
         if key not in GROWN_KEYS_SKIPPED and plain[key] != value:
@@ -77,7 +91,12 @@ def _old_task_logits(model: MixtureModel, tasks: list[str]) -> torch.Tensor:
 
 
 def add_task(
-    run_dir: str | Path, task: str, data: str, rank: int | None = None, overrides=()
+    run_dir: str | Path,
+    task: str,
+    data: str,
+    rank: int | None = None,
+    overrides=(),
+    files: dict | None = None,
 ) -> dict:
     """Train ``task`` into the run in ``run_dir``; returns (and writes) the cost report.
 
@@ -89,7 +108,7 @@ def add_task(
     if not folder.config_path.is_file() or not folder.state()["stages_done"]:
         raise ConfigError(f"{run_dir} is not a trained modulora run (no config.yaml/state.json)")
     run = load_run_config(folder.config_path, list(overrides))
-    new = grown_run(run, task, data, rank)
+    new = grown_run(run, task, data, rank, files)
     try:
         names = get_method(run.method).add_plan(new.mixture_config(), task)
     except ValueError as e:

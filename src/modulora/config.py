@@ -49,6 +49,9 @@ class MixtureConfig:
         target_modules: ``"all-linear"`` (every Linear/Conv1D but the LM head;
             the FFN's for loramoe; every FFN block for moe-ct) or a list of
             module-name suffixes such as ``["q_proj", "v_proj"]``.
+        layers_to_transform: adapt only these transformer blocks (as in PEFT;
+            negative indices count from the last block, e.g. ``[-4, -3, -2, -1]``).
+            Adapting only the top blocks also stops backward there: faster on CPU.
         expert_rank: per-expert rank for moelora/cgc-lora, overriding the even
             split of ``rank``.
         task_ranks: per-task rank overrides of domain/task-specific experts
@@ -87,6 +90,7 @@ class MixtureConfig:
     top_k: int | None = None
     alpha: float | None = None
     target_modules: str | list[str] = "all-linear"
+    layers_to_transform: list[int] | None = None
     expert_rank: int | None = None
     task_ranks: dict[str, int] = field(default_factory=dict)
     added_tasks: list[str] = field(default_factory=list)
@@ -140,6 +144,10 @@ class MixtureConfig:
             self.target_modules = list(self.target_modules)
             if not self.target_modules:
                 raise ValueError("target_modules is an empty list")
+        if self.layers_to_transform is not None:
+            self.layers_to_transform = [int(i) for i in self.layers_to_transform]
+            if not self.layers_to_transform:
+                raise ValueError("layers_to_transform is an empty list (None adapts every block)")
         if self.moe_ct_experts not in ("lora", "copy"):
             raise ValueError(
                 f"moe_ct_experts must be 'lora' or 'copy', got {self.moe_ct_experts!r}"

@@ -7,6 +7,7 @@ compute (``layers.py``, ``moe_ffn.py``).
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 from torch import nn
@@ -33,7 +34,19 @@ def _excluded(model: nn.Module) -> set[int]:
     return {id(out)} if out is not None else set()
 
 
-def find_targets(model: nn.Module, target_modules: str | list[str], kind: str) -> list[str]:
+def block_index(name: str) -> int | None:
+    """The transformer block a module belongs to: the first integer in its dotted name
+    (``model.layers.12.mlp.up_proj`` -> 12), as PEFT's ``layers_to_transform``."""
+    match = re.search(r"\.(\d+)\.", f".{name}.")
+    return int(match.group(1)) if match else None
+
+
+def find_targets(
+    model: nn.Module,
+    target_modules: str | list[str],
+    kind: str,
+    layers: list[int] | None = None,
+) -> list[str]:
     """Names of the modules to adapt.
 
     Args:
@@ -41,6 +54,7 @@ def find_targets(model: nn.Module, target_modules: str | list[str], kind: str) -
         target_modules: ``"all-linear"`` or module-name suffixes.
         kind: ``"linear"`` (every Linear/Conv1D), ``"ffn-linear"`` (those inside FFN
             blocks, LoRAMoE) or ``"ffn"`` (the FFN blocks themselves, MoE-CT).
+        layers: adapt only these transformer blocks (negative: from the last block).
 
     Raises:
         ValueError: when nothing matches, listing what could have.
@@ -62,6 +76,11 @@ def find_targets(model: nn.Module, target_modules: str | list[str], kind: str) -
         if target_modules == "all-linear"
         else [n for n in candidates if _matches(n, list(target_modules))]
     )
+    if layers is not None:
+        blocks = sorted({b for n in candidates if (b := block_index(n)) is not None})
+        count = max(blocks) + 1 if blocks else 0
+        wanted = {i % count if count else i for i in layers}
+        chosen = [n for n in chosen if block_index(n) in wanted]
     if not chosen:
         shown = sorted({n.rsplit(".", 1)[-1] for n in candidates})
         raise ValueError(

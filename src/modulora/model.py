@@ -56,7 +56,7 @@ class MixtureModel(nn.Module):
         kind = {"ffn-fusion": "ffn"}.get(
             layout.topology, "ffn-linear" if layout.ffn_only else "linear"
         )
-        names = find_targets(base_model, config.target_modules, kind)
+        names = find_targets(base_model, config.target_modules, kind, config.layers_to_transform)
         self.layers: dict[str, MixtureLinear | MoEFFN] = {}
         for name in names:
             layer = self._new_layer(base_model.get_submodule(name), layout)
