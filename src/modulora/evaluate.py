@@ -9,6 +9,7 @@ answer letter; perplexity is measured on held-out text.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections import defaultdict
@@ -30,6 +31,12 @@ def _task_kw(model: nn.Module, tasks: list[str | None]) -> dict:
     if not isinstance(model, MixtureModel):
         return {}
     return {"task": None if any(t is None for t in tasks) else list(tasks)}
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    if isinstance(model, MixtureModel):
+        return model.accepts_logits_to_keep
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def prompt_ids(record: Record, tokenizer) -> list[int]:
@@ -115,11 +122,16 @@ def mmlu_accuracy(
     model.eval()
     letters = [tokenizer(f" {c}", add_special_tokens=False)["input_ids"][-1] for c in "ABCD"]
     right = 0
+    prompts = [tokenizer(mmlu_prompt(q), add_special_tokens=False)["input_ids"] for q in questions]
+    order = sorted(range(len(questions)), key=lambda i: len(prompts[i]))  # less padding
     for start in _batches(len(questions), batch_size, "mmlu"):
-        chunk = questions[start : start + batch_size]
-        rows = [tokenizer(mmlu_prompt(q), add_special_tokens=False)["input_ids"] for q in chunk]
+        chunk = [questions[i] for i in order[start : start + batch_size]]
+        rows = [prompts[i] for i in order[start : start + batch_size]]
         ids, mask = _left_pad(rows, tokenizer.pad_token_id)
-        logits = model(input_ids=ids, attention_mask=mask, **_task_kw(model, [task] * len(chunk)))
+        kw = _task_kw(model, [task] * len(chunk))
+        if _accepts_logits_to_keep(model):  # project the last position only, not (B, T, V)
+            kw["logits_to_keep"] = 1
+        logits = model(input_ids=ids, attention_mask=mask, **kw)
         last = logits.logits[:, -1, letters]  # (B, 4): left padding puts every prompt's end last
         right += sum(
             int(p == q["answer"]) for p, q in zip(last.argmax(-1).tolist(), chunk, strict=True)

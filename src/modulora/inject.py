@@ -83,9 +83,10 @@ def find_targets(
         chosen = [n for n in chosen if block_index(n) in wanted]
     if not chosen:
         shown = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+        where = f" in blocks {sorted(layers)}" if layers is not None else ""
         raise ValueError(
             f"target_modules={target_modules!r} matched no {kind} module of "
-            f"{type(model).__name__}; candidate suffixes: {shown or 'none'}"
+            f"{type(model).__name__}{where}; candidate suffixes: {shown or 'none'}"
         )
     return chosen
 

@@ -8,6 +8,7 @@ losses, and applies a stage's trainability and gating to every layer.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -250,6 +251,11 @@ class MixtureModel(nn.Module):
             if labels is not None and out.get("loss") is not None:
                 out["loss"] = out["loss"] + total
         return out
+
+    @property
+    def accepts_logits_to_keep(self) -> bool:
+        """Whether the base model projects only chosen positions to logits (most HF LMs)."""
+        return "logits_to_keep" in inspect.signature(self.base_model.forward).parameters
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, task=None, **kwargs):

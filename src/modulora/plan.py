@@ -19,7 +19,7 @@ before any training starts, so a bad record fails the run at once.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .data import Example, TokenizeStats, mix, pack, read_records, split_records, tokenize
 from .run_config import ConfigError, RunConfig, TrainConfig
@@ -108,6 +108,12 @@ def source_records(run: RunConfig, source: str | None, known: list[str] | None =
         train, v_split, t_split = split_records(train, run.train.seed, v_frac, t_frac)
         valid = valid if valid is not None else v_split
         test = test if test is not None else t_split
+    system = run.data.system_prompt
+    if system is not None:
+        train, valid, test = (
+            [r if r.kind == "text" else replace(r, system=system) for r in part]
+            for part in (train, valid, test)
+        )
     return train, valid, test
 
 
@@ -126,7 +132,11 @@ def load_source(
         if stats is not None:
             out.stats[part] = stats
     if not out.train:
-        raise ConfigError(f"{files.train}: no training example left after tokenization")
+        raise ConfigError(
+            f"{files.train}: no training example left after tokenization (every record "
+            f"is empty or its response lies past max_length={max_length}; raise "
+            "train.max_length)"
+        )
     return out
 
 

@@ -40,6 +40,7 @@ class Record:
     messages: tuple = ()  # kind "messages": {"role", "content"} dicts
     text: str = ""  # kind "text"
     where: str = ""  # "path:line", for error messages
+    system: str | None = None  # system turn put before the prompt (None: the template's own)
 
 
 def read_records(

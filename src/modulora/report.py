@@ -189,9 +189,12 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path) -> tuple[str, Path
     for t in tasks:
         cells = [_fmt(r["model"]["tasks"].get(t, {}).get("score")) for r in results]
         rows.append([t, *([_fmt(base["tasks"].get(t, {}).get("score"))] if base else []), *cells])
-    avg = [_fmt(mean(r["model"]["tasks"].get(t, {}).get("score") for t in tasks)) for r in results]
-    base_avg = [_fmt(mean(base["tasks"].get(t, {}).get("score") for t in tasks))] if base else []
-    rows.append(["**average**", *base_avg, *avg])
+    # averaged over the tasks every run was scored on, so runs compare like for like
+    common = [t for t in tasks if all(t in r["model"]["tasks"] for r in results)]
+    avg = [_fmt(mean(r["model"]["tasks"][t]["score"] for t in common)) for r in results]
+    base_avg = [_fmt(mean(base["tasks"].get(t, {}).get("score") for t in common))] if base else []
+    label = "**average**" if common == tasks else f"**average** ({', '.join(common)})"
+    rows.append([label, *base_avg, *avg])
     for key, label in (("mmlu", "MMLU (%)"), ("perplexity", "perplexity")):
         if any(key in r["model"] for r in results):
             b = [_fmt(base.get(key), 2)] if base else []

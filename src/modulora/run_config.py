@@ -30,7 +30,7 @@ import yaml
 from .config import MixtureConfig
 
 SCHEDULES = ("cosine", "linear", "constant")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 MIXING = ("concat", "interleave")
 METRICS = ("exact", "classification", "chrf")
 
@@ -75,6 +75,7 @@ class EvalConfig:
             scored by the log-likelihood of the answer letter (None: skipped).
         text: held-out general text (``{"text": ...}`` JSONL) for perplexity (None: skipped).
         probe_examples: questions/texts used from each probe file.
+        text_examples: texts for perplexity, when fewer than ``probe_examples``.
         forgetting: also score every task after every stage (the forgetting matrix).
         forgetting_examples: test examples per task for the forgetting matrix.
     """
@@ -85,6 +86,7 @@ class EvalConfig:
     mmlu: str | None = None
     text: str | None = None
     probe_examples: int = 200
+    text_examples: int | None = None
     forgetting: bool = True
     forgetting_examples: int = 30
 
@@ -103,6 +105,10 @@ class DataConfig:
             until one task runs out).
         probabilities: task -> sampling weight for ``interleave`` (default: by size).
         max_valid_examples: cap on validation examples per stage (first N, fixed).
+        system_prompt: system turn put before every prompt/response record that has
+            none, in training and evaluation alike. ``None`` (default) leaves the chat
+            template's own default (SmolLM2's adds ~25 tokens per example); ``""`` is
+            an empty system turn.
     """
 
     valid_fraction: float = 0.1
@@ -111,6 +117,7 @@ class DataConfig:
     mixing: str = "concat"
     probabilities: dict[str, float] = field(default_factory=dict)
     max_valid_examples: int = 256
+    system_prompt: str | None = None
 
 
 @dataclass
@@ -131,7 +138,9 @@ class TrainConfig:
         max_steps: optimizer steps of the stage (overrides ``epochs``).
         fraction: share of the stage's training data used (router stages default to 0.2).
         seed: seeds the adapter init, data splits and data order.
-        precision: ``fp32`` or ``bf16`` (autocast; weights stay fp32).
+        precision: ``fp32``, ``bf16`` (autocast; weights stay fp32) or ``auto``: bf16
+            where the hardware computes it natively (CUDA with bf16, CPUs with
+            AVX512-BF16/AMX), fp32 elsewhere, where emulated bf16 is many times slower.
         gradient_checkpointing: recompute activations in backward to save memory.
         eval_every: validation loss every N steps (0: only before and after the stage).
         save_every: mid-stage checkpoint every N steps (0: only at the end of the stage).

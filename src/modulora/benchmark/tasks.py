@@ -33,7 +33,7 @@ TASKS = {
         "math",
         "exact",
         "bigbench-arithmetic",
-        "2-digit addition and subtraction; answer: the number",
+        "1- and 2-digit addition and subtraction; answer: the number",
     ),
     "medical": TaskSpec(
         "medical",
@@ -65,7 +65,11 @@ TASKS = {
     ),
 }
 
-MATH_SUBTASKS = ("arithmetic/2_digit_addition", "arithmetic/2_digit_subtraction")
+# 1-digit sums too: a model of ~100M parameters learns their format and most answers
+# in a few steps, while 2-digit ones separate models that learned arithmetic
+MATH_SUBTASKS = tuple(
+    f"arithmetic/{n}_digit_{op}" for n in (1, 2) for op in ("addition", "subtraction")
+)
 MEDICAL_TASK = "multiemo/medicine_text_en"
 # Natural Instructions subtasks with short inputs and answers (median input < 200
 # characters), mixing question answering, question writing and yes/no judgements.
@@ -107,12 +111,14 @@ def record(task: str | None, prompt: str, response: str) -> dict:
     return {**head, "prompt": prompt, "response": response}
 
 
-def arithmetic_records(tasks: dict[str, dict]) -> list[dict]:
-    """BIG-bench arithmetic examples ("What is 80 plus 29?" -> "109"), subtasks in order."""
+def arithmetic_records(tasks: dict[str, dict], per_subtask: int = 175) -> list[dict]:
+    """BIG-bench arithmetic examples ("What is 80 plus 29?" -> "109"), subtasks in order,
+    at most ``per_subtask`` from each, so the 100 1-digit sums are not swamped by the
+    1,000 2-digit ones."""
     return [
         record("math", ex["input"].strip(), ex["target"].strip())
         for name in sorted(tasks)
-        for ex in tasks[name]["examples"]
+        for ex in tasks[name]["examples"][:per_subtask]
     ]
 
 
