@@ -240,6 +240,30 @@ def test_add_task_keeps_old_experts_and_learns_the_new_task(tmp_path, model_path
     assert modulora.load(base, run).mixture_config.tasks == ["reverse", "upper", "sort"]
 
 
+@pytest.mark.parametrize("method", ["modula-res", "modula-flan"])
+def test_add_task_router_new_trains_only_the_new_routing_rows(tmp_path, model_path, method):
+    config = _run(tmp_path, method, model_path)
+    assert main(["train", str(config)]) == 0
+    run = tmp_path / "run"
+    before = {k: v for k, v in _tensors(run).items() if k.startswith("router")}
+    new = write_jsonl(tmp_path / "data" / "sort.jsonl", records("sort", 48, task_field=False))
+    args = ["add-task", str(run), "--task", "sort", "--data", str(new), "--router", "new"]
+    assert main(args) == 0
+    after = _tensors(run)
+    routers = [k for k in before if before[k].dim() == 2]
+    assert routers
+    for k in routers:
+        n = before[k].shape[0]
+        assert after[k].shape[0] == n + 1
+        assert torch.equal(after[k][:n], before[k]), k  # old rows exactly as they were
+    # the router stage changed the model, and only the new rows could move
+    last = _costs(run)[-1]
+    assert last["stage"] == "router" and last["valid_loss_end"] != last["valid_loss_start"]
+    report = json.loads((run / "add-task-sort.json").read_text())
+    assert report["router"] == "new" and report["old_router_rows_identical"] is True
+    assert report["old_experts_bit_identical"] is True
+
+
 def test_add_task_refusals_leave_the_run_untouched(tmp_path, model_path, capsys):
     config = _run(tmp_path, "lora", model_path)
     assert main(["train", str(config)]) == 0

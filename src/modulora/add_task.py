@@ -11,12 +11,14 @@ cost of the addition is reported next to an estimate of retraining everything.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 
 from .checkpoint import load, save
+from .gates import TokenRouter
 from .methods import get_method
 from .model import MixtureModel
 from .models import load_base
@@ -79,6 +81,32 @@ def _identical(model: MixtureModel, before: dict[str, dict[str, torch.Tensor]]) 
     return out
 
 
+def _token_routers(model: MixtureModel) -> dict[str, TokenRouter]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, TokenRouter)}
+
+
+@contextmanager
+def _old_rows_frozen(model: MixtureModel, before: dict[str, torch.Tensor], stage: str):
+    """Routers learn only their new rows: old rows get no gradient (so AdamW, with no
+    weight decay, leaves them exactly as they were) and are put back at the end."""
+    model.set_stage(stage)  # routers trainable, so their gradients can be hooked
+    routers = _token_routers(model)
+    hooks = []
+    for name, old in before.items():
+        n = old.shape[0]
+        hooks.append(
+            routers[name].weight.register_hook(lambda g, n=n: torch.cat([g[:n] * 0, g[n:]]))
+        )
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for name, old in before.items():
+                routers[name].weight[: old.shape[0]] = old  # a no-op unless weight decay moved them
+
+
 @torch.no_grad()
 def _old_task_logits(model: MixtureModel, tasks: list[str]) -> torch.Tensor:
     """Logits of one fixed random sequence per old task (task-gated methods keep them)."""
@@ -97,8 +125,13 @@ def add_task(
     rank: int | None = None,
     overrides=(),
     files: dict | None = None,
+    router: str = "all",
 ) -> dict:
     """Train ``task`` into the run in ``run_dir``; returns (and writes) the cost report.
+
+    ``router="all"`` retrains every routing row in the router stage (MoDULA's recipe);
+    ``"new"`` trains only the rows of the new expert and keeps the old rows exactly,
+    so old tasks' routing changes only through the new expert's share.
 
     Raises:
         ConfigError / DataError: unknown run, existing task, bad data, a method that
@@ -107,6 +140,8 @@ def add_task(
     folder = RunFolder(run_dir)
     if not folder.config_path.is_file() or not folder.state()["stages_done"]:
         raise ConfigError(f"{run_dir} is not a trained modulora run (no config.yaml/state.json)")
+    if router not in ("all", "new"):
+        raise ConfigError(f"router must be 'all' or 'new', got {router!r}")
     run = load_run_config(folder.config_path, list(overrides))
     new = grown_run(run, task, data, rank, files)
     try:
@@ -125,12 +160,17 @@ def add_task(
     before = _snapshot(model, old_experts)
     gated = model.method.task_gated
     logits_before = _old_task_logits(model, list(run.tasks)) if gated else None
+    rows = {n: r.weight.detach().clone() for n, r in _token_routers(model).items()}
     set_seed(run.train.seed + len(run.tasks))  # the new expert's initial weights
     model.add_task(task, rank)
 
     costs = []
     for stage in stages:
-        cost = run_stage(model, stage, stage_data[stage.label], acc, folder, tokenizer.pad_token_id)
+        frozen = router == "new" and stage.name == "router"
+        with _old_rows_frozen(model, rows, stage.name) if frozen else nullcontext():
+            cost = run_stage(
+                model, stage, stage_data[stage.label], acc, folder, tokenizer.pad_token_id
+            )
         costs.append(cost)
         if acc.is_main_process:  # what this stage trained, for the forgetting matrix
             trained = sorted(model.stage_plan(stage.name).train)
@@ -139,12 +179,16 @@ def add_task(
     if not all(identical.values()):
         changed = [n for n, same in identical.items() if not same]
         raise RuntimeError(f"old experts changed during add-task: {changed}; nothing was saved")
+    routers = _token_routers(model)
+    rows_same = all(torch.equal(routers[n].weight[: w.shape[0]], w) for n, w in rows.items())
     model.set_stage("inference")
     outputs_same = None
     if gated:
         outputs_same = torch.equal(logits_before, _old_task_logits(model, list(run.tasks)))
 
     report = _report(folder, new, task, costs, splits, identical, outputs_same, model)
+    report["router"] = router
+    report["old_router_rows_identical"] = rows_same if rows else None
     if acc.is_main_process:
         state = folder.state()
         state["stages_done"] += [s.key for s in stages]

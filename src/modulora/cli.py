@@ -84,12 +84,17 @@ def _add_task(args) -> None:
     from .add_task import add_task
 
     files = {"valid": args.valid, "test": args.test, "metric": args.metric, "labels": args.labels}
-    report = add_task(args.run_dir, args.task, args.data, args.rank, args.set, files)
+    report = add_task(args.run_dir, args.task, args.data, args.rank, args.set, files, args.router)
     console = _console()
     same = "yes" if report["old_experts_bit_identical"] else "NO"
     console.print(
         f"old experts bit-identical ({len(report['old_experts_checked'])} checked): {same}"
     )
+    if report["old_router_rows_identical"] is not None:
+        console.print(
+            f"router stage trained {report['router']} rows; old routing rows identical: "
+            f"{report['old_router_rows_identical']}"
+        )
     if report["old_task_outputs_identical"] is not None:
         console.print(f"old tasks' outputs identical: {report['old_task_outputs_identical']}")
     table = Table(
@@ -202,6 +207,13 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("--test", help="test records for eval (default: a seeded split of --data)")
     add.add_argument("--metric", choices=("exact", "classification", "chrf"), default="exact")
     add.add_argument("--labels", nargs="+", help="the answers of a classification task")
+    add.add_argument(
+        "--router",
+        choices=("all", "new"),
+        default="all",
+        help="router stage: retrain all routing rows (MoDULA's recipe) or only the new "
+        "expert's, old rows kept exactly",
+    )
     add.add_argument("--set", **overrides)
     add.set_defaults(func=_add_task)
 

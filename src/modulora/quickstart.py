@@ -131,6 +131,7 @@ def quickstart(
         name,
         files.pop("train"),
         files={**files, "metric": extra["kind"], "labels": extra["labels"]},
+        router="new",  # old tasks keep their routing; only the new expert's row learns
     )
     times[f"add-task {name} (+ eval before)"] = time.perf_counter() - t0
     results = []
