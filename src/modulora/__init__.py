@@ -9,6 +9,17 @@ __version__ = "0.1.0"
 
 from .checkpoint import load
 from .config import METHODS, MixtureConfig
+from .merge import NotMergeableError, export_merged, export_peft
 from .model import MixtureModel, attach
 
-__all__ = ["METHODS", "MixtureConfig", "MixtureModel", "__version__", "attach", "load"]
+__all__ = [
+    "METHODS",
+    "MixtureConfig",
+    "MixtureModel",
+    "NotMergeableError",
+    "__version__",
+    "attach",
+    "export_merged",
+    "export_peft",
+    "load",
+]

@@ -3,6 +3,10 @@
 modulora plan CONFIG.yaml [--set key=value ...]
 modulora train CONFIG.yaml [--set key=value ...] [--resume] [--stage NAME]
 modulora add-task RUN_DIR --task NAME --data FILE [--rank R] [--set key=value ...]
+modulora eval RUN_DIR [--tasks ...] [--base]      modulora compare RUN_A RUN_B ...
+modulora export RUN_DIR --task T --format peft|merged --out DIR
+modulora generate RUN_DIR [--task T] --prompt TEXT [--max-new-tokens N]
+modulora serve RUN_DIR [--host 127.0.0.1] [--port 8000]
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from rich.table import Table
 from .data import DataError
 from .run_config import ConfigError, load_run_config
 
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError)
 
 
 def _console() -> Console:
@@ -176,6 +180,57 @@ def _quickstart(args) -> None:
         console.print(f"report: {run}/eval/report.md")
 
 
+def _export(args) -> None:
+    from .generate import load_run
+    from .merge import export_merged, export_peft
+
+    loaded = load_run(args.run_dir)
+    common = {"task": args.task, "expert": args.expert, "source": str(args.run_dir)}
+    if args.format == "peft":
+        out = export_peft(loaded.model, args.out, overwrite=args.force, **common)
+        how = "peft.PeftModel.from_pretrained(base, path)"
+    else:
+        out = export_merged(
+            loaded.model, args.out, loaded.tokenizer, overwrite=args.force, **common
+        )
+        how = "transformers.AutoModelForCausalLM.from_pretrained(path)"
+    what = f"task {args.task!r}" if args.task else f"expert {args.expert!r}"
+    print(f"exported {what} of {args.run_dir} ({loaded.run.method}) as {args.format}: {out}")
+    print(f"load it with {how}")
+
+
+def _generate(args) -> None:
+    import torch
+
+    from .generate import Sampling, chat_prompt_ids, generate_batch, load_run
+
+    loaded = load_run(args.run_dir)
+    if args.task is None and loaded.needs_task:
+        raise ValueError(f"{loaded.run.method} needs --task; the run's tasks: {loaded.tasks}")
+    system = args.system if args.system is not None else loaded.run.data.system_prompt
+    prompts = [
+        chat_prompt_ids(loaded.tokenizer, [{"role": "user", "content": p}], system, args.task)
+        for p in args.prompt
+    ]
+    torch.manual_seed(args.seed)
+    new = generate_batch(
+        loaded.model,
+        loaded.tokenizer,
+        prompts,
+        [args.task] * len(prompts) if args.task else None,
+        args.max_new_tokens,
+        Sampling(args.temperature, args.top_p),
+    )
+    for text in loaded.tokenizer.batch_decode(new, skip_special_tokens=True):
+        print(text.strip())
+
+
+def _serve(args) -> None:
+    from .serve import serve
+
+    serve(args.run_dir, args.host, args.port, args.max_batch, args.batch_window_ms, args.set)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modulora", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -239,6 +294,36 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--force", action="store_true", help="rebuild even if complete")
     build.set_defaults(func=_data_build)
+
+    exp = sub.add_parser("export", help="a task's update as a PEFT adapter or a merged model")
+    exp.add_argument("run_dir")
+    pick = exp.add_mutually_exclusive_group(required=True)
+    pick.add_argument("--task", help="the task whose update to export")
+    pick.add_argument("--expert", help="one expert alone (e.g. domain:math, universal)")
+    exp.add_argument("--format", choices=("peft", "merged"), default="peft")
+    exp.add_argument("--out", required=True, help="output folder (must be new or empty)")
+    exp.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    exp.set_defaults(func=_export)
+
+    gen = sub.add_parser("generate", help="answer prompts with a trained run")
+    gen.add_argument("run_dir")
+    gen.add_argument("--task", help="route by this task (needed by task-gated methods)")
+    gen.add_argument("--prompt", required=True, action="append", help="repeatable: one batch")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--system", help="system prompt (default: the run's data.system_prompt)")
+    gen.set_defaults(func=_generate)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a run")
+    srv.add_argument("run_dir")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-batch", type=int, default=8, help="requests batched together")
+    srv.add_argument("--batch-window-ms", type=float, default=10.0)
+    srv.add_argument("--set", **overrides)
+    srv.set_defaults(func=_serve)
 
     quick = sub.add_parser("quickstart", help="MoDULA vs LoRA on SmolLM2 and real data, evaluated")
     quick.add_argument("--out", default="runs/quickstart")

@@ -311,6 +311,20 @@ class MixtureModel(nn.Module):
 
         save(self, directory)
 
+    def merge(
+        self, task: str | None = None, expert: str | None = None, inplace: bool = False
+    ) -> nn.Module:
+        """A plain transformers model with ``task``'s update folded into the base weights.
+
+        Exact where the gate depends only on the task (lora, multi-lora, cgc-lora,
+        moelora) or with one ``expert`` pinned; token routers, MoDULA-Res domain experts
+        and MoE-CT raise ``NotMergeableError`` saying why and what to use instead. See
+        ``modulora.merge.merge``.
+        """
+        from .merge import merge
+
+        return merge(self, task, expert, inplace)
+
     def detach(self) -> nn.Module:
         """Put the original modules back and return the base model as it was."""
         for name, layer in self.layers.items():
