@@ -82,6 +82,13 @@ def format_record(record: Record, tokenizer) -> tuple[list[int], list[int]]:
     return _encode([_segments(record, tokenizer)], tokenizer)[0]
 
 
+def prompt_ids(record: Record, tokenizer) -> list[int]:
+    """The tokens before the first answer token: the prompt exactly as in training."""
+    ids, labels = format_record(record, tokenizer)
+    first = next((i for i, label in enumerate(labels) if label != IGNORE), len(ids))
+    return ids[:first]
+
+
 def tokenize(
     records: list[Record], tokenizer, max_length: int
 ) -> tuple[list[Example], TokenizeStats]:

@@ -21,8 +21,9 @@ from sacrebleu.metrics import CHRF
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import IGNORE, Record, format_record
+from .data import IGNORE, Record, format_record, prompt_ids
 from .gates import TokenRouter
+from .generate import generate_batch, left_pad
 from .model import MixtureModel
 
 
@@ -39,20 +40,6 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-def prompt_ids(record: Record, tokenizer) -> list[int]:
-    """The tokens before the first answer token: the prompt exactly as in training."""
-    ids, labels = format_record(record, tokenizer)
-    first = next((i for i, label in enumerate(labels) if label != IGNORE), len(ids))
-    return ids[:first]
-
-
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])  # (B, T)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
-
-
 def _batches(n: int, size: int, desc: str):
     return tqdm(range(0, n, size), desc=desc, unit="batch", leave=False)
 
@@ -67,20 +54,17 @@ def generate_answers(
     desc: str = "generate",
 ) -> list[str]:
     """Greedy answers to ``records`` (each row routed by its own task), first line only."""
-    model.eval()
-    pad = tokenizer.pad_token_id
     out = []
     for start in _batches(len(records), batch_size, desc):
         chunk = records[start : start + batch_size]
-        ids, mask = _left_pad([prompt_ids(r, tokenizer) for r in chunk], pad)
-        new = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            **_task_kw(model, [r.task for r in chunk]),
-        )[:, ids.shape[1] :]
+        tasks = [r.task for r in chunk]
+        new = generate_batch(
+            model,
+            tokenizer,
+            [prompt_ids(r, tokenizer) for r in chunk],
+            None if any(t is None for t in tasks) else tasks,
+            max_new_tokens,
+        )
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         out += [t.strip().split("\n")[0].strip() for t in texts]
     return out
@@ -127,7 +111,7 @@ def mmlu_accuracy(
     for start in _batches(len(questions), batch_size, "mmlu"):
         chunk = [questions[i] for i in order[start : start + batch_size]]
         rows = [prompts[i] for i in order[start : start + batch_size]]
-        ids, mask = _left_pad(rows, tokenizer.pad_token_id)
+        ids, mask = left_pad(rows, tokenizer.pad_token_id)
         kw = _task_kw(model, [task] * len(chunk))
         if _accepts_logits_to_keep(model):  # project the last position only, not (B, T, V)
             kw["logits_to_keep"] = 1
@@ -219,7 +203,7 @@ def router_health(model: MixtureModel, tokenizer, records: list[Record], batch_s
         for start in _batches(len(records), batch_size, "routing"):
             chunk = records[start : start + batch_size]
             rows = [format_record(r, tokenizer)[0] for r in chunk]
-            ids, mask = _left_pad(rows, tokenizer.pad_token_id)
+            ids, mask = left_pad(rows, tokenizer.pad_token_id)
             model(input_ids=ids, attention_mask=mask, **_task_kw(model, [r.task for r in chunk]))
     return summarize_routing(stats, model.method.layout(model.mixture_config).experts)
 

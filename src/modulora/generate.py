@@ -18,7 +18,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .checkpoint import load
-from .evaluate import prompt_ids
+from .data import prompt_ids
 from .model import MixtureModel
 from .models import load_base
 from .records import Record
@@ -140,6 +140,14 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both (B, T): rows right-aligned so every prompt ends last."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
 @torch.no_grad()
 def generate_batch(
     model: torch.nn.Module,
@@ -171,10 +179,8 @@ def generate_batch(
     if len(limits) != n or min(limits, default=1) < 1:
         raise ValueError("max_new_tokens needs one positive limit per prompt")
     pad = tokenizer.pad_token_id
-    width = max(len(p) for p in prompts)
-    device = next(model.parameters()).device
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # (B, T)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    ids, mask = left_pad(prompts, pad, next(model.parameters()).device)  # (B, T)
+    width = ids.shape[1]
     kw = {}
     if isinstance(model, MixtureModel):
         rows = list(tasks) if tasks is not None else [None] * n
