@@ -215,6 +215,35 @@ def test_add_task_grows_routers_by_one_output():
     )
 
 
+@pytest.mark.parametrize("method", ["modula-res", "modula-flan", "molora", "loramoe"])
+def test_token_routed_old_tasks_are_bit_identical_after_add_task(method):
+    """A row that names an old task routes over the experts that existed when it was
+    trained; the new expert and its router row are not even computed for it."""
+    model = modulora.attach(tiny_model("llama"), method_config(method))
+    randomize_adapters(model)
+    model.set_stage("inference")
+    ids, mask = batch()
+    with torch.no_grad():
+        named = model(input_ids=ids, attention_mask=mask, task=list(TASKS)).logits
+        plain = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(named, plain)  # nothing added yet: the task changes nothing
+    model.add_task("finance")
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # the new expert and new router rows as if trained
+        for layer in model.layers.values():
+            layer.modulora_experts.B[-1].copy_(
+                torch.randn(layer.modulora_experts.B[-1].shape, generator=g)
+            )
+            layer.modulora_router.weight[-1].copy_(torch.randn(layer.d_in, generator=g))
+        after = model(input_ids=ids, attention_mask=mask, task=list(TASKS)).logits
+        unnamed = model(input_ids=ids, attention_mask=mask).logits
+        new = model(input_ids=ids, attention_mask=mask, task=["finance", "math", "med"]).logits
+    assert torch.equal(after, named)
+    assert not torch.allclose(unnamed, plain)  # without a task, every expert is routed
+    torch.testing.assert_close(new[1:], named[1:], atol=1e-6, rtol=1e-6)  # mixed batch
+    assert not torch.allclose(new[0], named[0])
+
+
 def test_moe_ct_layers_wrap_ffn_blocks_and_optionally_train_embeddings():
     model = modulora.attach(
         tiny_model("qwen2"),

@@ -261,6 +261,7 @@ def test_add_task_router_new_trains_only_the_new_routing_rows(tmp_path, model_pa
     assert last["stage"] == "router" and last["valid_loss_end"] != last["valid_loss_start"]
     report = json.loads((run / "add-task-sort.json").read_text())
     assert report["router"] == "new" and report["old_router_rows_identical"] is True
+    assert report["old_task_outputs_identical"] is True  # old tasks route as before
     assert report["old_experts_bit_identical"] is True
 
 

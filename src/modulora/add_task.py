@@ -158,8 +158,9 @@ def add_task(
     enable_checkpointing(base, run)
     old_experts = model.expert_names()
     before = _snapshot(model, old_experts)
-    gated = model.method.task_gated
-    logits_before = _old_task_logits(model, list(run.tasks)) if gated else None
+    # task-gated methods, and token routers whose old rows stay, keep old tasks' outputs
+    kept = model.method.task_gated or router == "new"
+    logits_before = _old_task_logits(model, list(run.tasks)) if kept else None
     rows = {n: r.weight.detach().clone() for n, r in _token_routers(model).items()}
     set_seed(run.train.seed + len(run.tasks))  # the new expert's initial weights
     model.add_task(task, rank)
@@ -183,7 +184,7 @@ def add_task(
     rows_same = all(torch.equal(routers[n].weight[: w.shape[0]], w) for n, w in rows.items())
     model.set_stage("inference")
     outputs_same = None
-    if gated:
+    if kept:
         outputs_same = torch.equal(logits_before, _old_task_logits(model, list(run.tasks)))
 
     report = _report(folder, new, task, costs, splits, identical, outputs_same, model)

@@ -157,7 +157,11 @@ def routing_recorder(model: MixtureModel):
     def hook(name):
         def record(module, args, out):
             x, route = args
-            w = out.weights.detach().float()  # (B, T, E)
+            w = out.weights.detach().float()  # (B, T, E_sel)
+            if out.select is not None:  # experts masked for every row: weight 0
+                full = w.new_zeros(*w.shape[:-1], module.num_experts)  # (B, T, E)
+                full[..., list(out.select)] = w
+                w = full
             mask = torch.ones(w.shape[:-1], dtype=torch.bool)
             if (
                 route is not None

@@ -119,7 +119,18 @@ class TokenRouter(nn.Module):
         nn.init.normal_(self.weight, std=init_std) if init_std > 0 else nn.init.zeros_(self.weight)
         self.top_k, self.init_std = top_k, init_std
         self.balance_coef, self.z_coef, self.loramoe = balance_coef, z_coef, loramoe
+        # (n_tasks, E) experts each task may use when a row names its task; None: all
+        self.register_buffer("task_mask", None, persistent=False)
 
+    def set_task_mask(self, allowed: list[list[bool]] | None) -> None:
+        """Rows that name a task route only over the experts that existed when that task
+        was trained (``methods.base.task_expert_mask``); rows without a task, over all.
+
+        Experts no row of a batch may use are not computed at all, so a batch of old
+        tasks gives, bit for bit, what it gave before tasks were added (as task gates).
+        """
+        mask = None if allowed is None else torch.tensor(allowed, dtype=torch.bool)
+        self.task_mask = None if mask is None else mask.to(self.weight.device)
     @property
     def num_experts(self) -> int:
         return self.weight.shape[0]
@@ -133,7 +144,16 @@ class TokenRouter(nn.Module):
         self.weight.requires_grad_(grad)
 
     def forward(self, x: torch.Tensor, route: Route | None) -> GateOut:
-        logits = F.linear(x.to(self.weight.dtype), self.weight)  # (..., E)
+        masked = self.task_mask is not None and route is not None and route.task_ids is not None
+        if not masked:
+            return self._route(x, route, F.linear(x.to(self.weight.dtype), self.weight), None)
+        select = route.used_experts(self.task_mask)
+        logits = F.linear(x.to(self.weight.dtype), self.weight[list(select)])  # (..., E_sel)
+        rows = self.task_mask[route.task_ids][:, list(select)]  # (B, E_sel)
+        logits = logits.masked_fill(~per_row(rows, x), float("-inf"))
+        return self._route(x, route, logits, select)
+
+    def _route(self, x, route, logits: torch.Tensor, select) -> GateOut:
         probs = logits.softmax(dim=-1)
         k = self.top_k
         top_idx = None
@@ -151,7 +171,7 @@ class TokenRouter(nn.Module):
             aux["z_loss"] = self.z_coef * z_loss(logits, mask)
         if self.loramoe is not None:
             aux["loramoe_balance"] = self.loramoe(weights, mask, route)
-        return GateOut(weights=weights, aux=aux)
+        return GateOut(select=select, weights=weights, aux=aux)
 
 
 def _token_mask(x: torch.Tensor, route: Route | None) -> torch.Tensor | None:

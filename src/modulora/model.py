@@ -21,6 +21,7 @@ from .gates import LoramoeBalance, Route, TaskGate, TaskSelect, TokenRouter, fix
 from .inject import find_targets, hidden_size, replace_module, routing
 from .layers import MixtureLinear
 from .methods import Layout, Method, StagePlan, get_method
+from .methods.base import task_expert_mask
 from .moe_ffn import MoEFFN
 
 ADAPTER_PREFIX = "modulora_"
@@ -134,6 +135,9 @@ class MixtureModel(nn.Module):
                 )
             elif router.num_experts < n:
                 router.grow(n - router.num_experts)
+            layer.modulora_router.set_task_mask(
+                task_expert_mask(self.mixture_config, layout.experts)
+            )
         elif layout.router == "task":
             if router is None:
                 router = layer.modulora_router = TaskGate(

@@ -175,3 +175,28 @@ def task_experts(
         rank = cfg.task_rank(task, default_rank)
         specs.append(ExpertSpec(f"{prefix}:{task}", rank, cfg.alpha_for(rank), task=task))
     return specs
+
+
+def added_experts_owned(specs: list[ExpertSpec], cfg: MixtureConfig) -> list[ExpertSpec]:
+    """Shared experts grown by ``add_task`` (the last ones) tagged with the task they were
+    added for, so a router can tell which experts an old task never saw."""
+    first = len(specs) - len(cfg.added_tasks)
+    return specs[:first] + [
+        ExpertSpec(s.name, s.rank, s.alpha, task)
+        for s, task in zip(specs[first:], cfg.added_tasks, strict=True)
+    ]
+
+
+def task_expert_mask(cfg: MixtureConfig, experts: list[ExpertSpec]) -> list[list[bool]] | None:
+    """``allowed[t][e]``: task t may use expert e, i.e. e existed when t was trained.
+
+    Tasks of the original plan see the original experts; a task added later also sees
+    the experts added up to and with it. None when no task was added (no mask).
+    """
+    if not cfg.added_tasks:
+        return None
+
+    def vintage(task: str | None) -> int:
+        return 1 + cfg.added_tasks.index(task) if task in cfg.added_tasks else 0
+
+    return [[vintage(e.task) <= vintage(t) for e in experts] for t in cfg.tasks]

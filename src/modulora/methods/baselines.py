@@ -12,6 +12,7 @@ from .base import (
     Layout,
     Method,
     StagePlan,
+    added_experts_owned,
     domain_task,
     domain_then_router,
     expert_list,
@@ -78,7 +79,8 @@ MULTI_LORA = Method(
 
 
 def _molora_layout(cfg: MixtureConfig) -> Layout:
-    return Layout("parallel", expert_list("expert", cfg.num_experts, cfg.rank, cfg), "token")
+    experts = added_experts_owned(expert_list("expert", cfg.num_experts, cfg.rank, cfg), cfg)
+    return Layout("parallel", experts, "token")
 
 
 def _grow_experts(cfg: MixtureConfig, task: str, rank: int | None) -> MixtureConfig:
@@ -126,7 +128,7 @@ MOLORA = Method(
 def _loramoe_layout(cfg: MixtureConfig) -> Layout:
     return Layout(
         "parallel",
-        expert_list("expert", cfg.num_experts, cfg.rank, cfg),
+        added_experts_owned(expert_list("expert", cfg.num_experts, cfg.rank, cfg), cfg),
         "token",
         ffn_only=True,
     )
