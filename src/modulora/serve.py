@@ -1,0 +1,521 @@
+"""An OpenAI-compatible HTTP server for a trained run: ``modulora serve RUN_DIR``.
+
+Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` and
+``POST /v1/chat/completions`` (both stream with ``"stream": true``, SSE). A request's
+``model`` names a task; for token-routed runs the run folder's name (the run's own
+routing, every expert) is accepted too. A token-routed row that names a task routes
+over the experts that existed when that task was trained (so tasks added later do not
+move it); rows naming the run route over all experts.
+
+Batching: one worker thread owns the model. Requests become jobs on a queue; the
+worker takes the first job, waits up to ``batch_window_ms`` for more (at most
+``max_batch``), groups them by sampling settings and runs one ``generate_batch`` per
+group, rows of different tasks together. Each new token goes back to its request's
+event loop with ``call_soon_threadsafe``, so the loop never waits on generation.
+
+Choices: ``temperature`` defaults to 0 (greedy, reproducible; OpenAI's default is 1);
+a completion prompt is tokenized as is with ``add_special_tokens=False``, as training
+tokenizes text records; a chat is rendered exactly as in training, with the run's
+``data.system_prompt``; text is decoded with special tokens skipped; a ``stop``
+string ends the answer, though its row still runs to its limit inside its batch
+(``generate_batch`` cannot end one row early).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from .generate import LoadedRun, Sampling, chat_prompt_ids, generate_batch, load_run
+
+MAX_TOKENS = 2048  # most new tokens one request may ask for
+log = logging.getLogger("modulora.serve")
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, param=None, code=None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": dict(message=self.message, type=kind, param=self.param, code=self.code)}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+# --- requests: unknown OpenAI fields (user, seed, ...) are ignored --------------------------
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stream_options: dict | None = None  # {"include_usage": true} adds a usage chunk
+    stop: str | list[str] | None = None
+
+    def stops(self) -> list[str]:
+        return [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop or []) if s]
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]  # text, or a list of exactly one text
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[dict]  # text, or OpenAI content parts ({"type": "text", "text": ...})
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)  # newer OpenAI name
+
+
+# --- the worker thread ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Done:
+    tokens: int  # new tokens the row made (the end token not counted)
+
+
+@dataclass(frozen=True)
+class _Failed:
+    message: str
+
+
+@dataclass
+class Job:
+    """One request's row: what to generate, and the asyncio queue its tokens go to."""
+
+    prompt: list[int]
+    task: str | None
+    max_tokens: int
+    sampling: Sampling
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False  # the request is gone (or has its answer): skip it if not started
+
+    def send(self, item: int | _Done | _Failed) -> None:
+        """Hand ``item`` to the request's event loop (called from the worker thread)."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+@dataclass
+class Stats:
+    """What the worker ran, for /health, tests and benchmarks (written under ``lock``)."""
+
+    batches: int = 0
+    requests: int = 0
+    failed_batches: int = 0
+    sizes: Counter = field(default_factory=Counter)  # batch size -> number of batches
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            mean = self.requests / self.batches if self.batches else 0.0
+            sizes = {str(k): v for k, v in sorted(self.sizes.items())}
+            return dict(batches=self.batches, requests=self.requests, mean_batch_size=mean,
+                        failed_batches=self.failed_batches, batch_sizes=sizes)  # fmt: skip
+
+
+class Worker:
+    """The one thread that runs the model: collects queued jobs into batches, generates."""
+
+    def __init__(self, loaded: LoadedRun, max_batch: int = 8, batch_window_ms: float = 10.0):
+        if max_batch < 1 or batch_window_ms < 0:
+            raise ValueError("max_batch must be >= 1 and batch_window_ms >= 0")
+        self.loaded, self.max_batch, self.window = loaded, max_batch, batch_window_ms / 1000
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.stats = Stats()
+        self.thread = threading.Thread(target=self._run, name="modulora-generate", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        self.jobs.put(job)
+
+    def stop(self) -> None:
+        """Finish the batch being collected or run, then end the thread."""
+        self.jobs.put(None)
+        self.thread.join(timeout=60)
+
+    def _run(self) -> None:
+        while (first := self.jobs.get()) is not None:
+            batch, deadline, stopping = [first], time.monotonic() + self.window, False
+            while len(batch) < self.max_batch:
+                try:
+                    job = self.jobs.get(timeout=max(deadline - time.monotonic(), 1e-6))
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                batch.append(job)
+            # a batch's rows either all name a task or none does (the run's own routing)
+            groups: dict[tuple[Sampling, bool], list[Job]] = {}
+            for job in batch:
+                if not job.cancelled:
+                    groups.setdefault((job.sampling, job.task is None), []).append(job)
+            for group in groups.values():
+                self._generate(group)
+            if stopping:
+                return
+
+    def _generate(self, group: list[Job]) -> None:
+        """One ``generate_batch`` call; an exception fails this group's requests only."""
+        loaded = self.loaded
+        tasks = None if group[0].task is None else [j.task for j in group]
+        try:
+            rows = generate_batch(
+                loaded.model, loaded.tokenizer, [j.prompt for j in group], tasks,
+                [j.max_tokens for j in group], group[0].sampling,
+                on_token=lambda row, token: group[row].send(token),
+            )  # fmt: skip
+        except Exception as exc:
+            log.exception("generation failed for a batch of %d", len(group))
+            with self.stats.lock:
+                self.stats.failed_batches += 1
+            for job in group:
+                job.send(_Failed(f"generation failed: {type(exc).__name__}: {exc}"))
+            return
+        with self.stats.lock:
+            self.stats.batches += 1
+            self.stats.requests += len(group)
+            self.stats.sizes[len(group)] += 1
+        for job, row in zip(group, rows, strict=True):
+            job.send(_Done(len(row)))
+
+
+# --- text out -------------------------------------------------------------------------------
+
+
+class _Text:
+    """One row's text, decoded incrementally: the ids so far are decoded whole and only the
+    new suffix is released, held back while it ends with U+FFFD (a character whose other
+    bytes are still to come) or could be the start of a stop string."""
+
+    def __init__(self, tokenizer, stops: list[str]) -> None:
+        self.tokenizer, self.stops = tokenizer, stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.ids: list[int] = []
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def _decode(self) -> str:
+        return self.tokenizer.decode(
+            self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        if not (text := self._decode()).endswith("\ufffd"):
+            self._set(text)
+
+    def finish(self) -> None:
+        if not self.stopped:
+            self._set(self._decode())
+
+    def _set(self, text: str) -> None:
+        hits = [i for s in self.stops if (i := text.find(s)) >= 0]
+        self.text, self.stopped = (text[: min(hits)], True) if hits else (text, False)
+
+    def release(self, final: bool = False) -> str:
+        end = len(self.text) if final or self.stopped else len(self.text) - self.hold
+        piece = self.text[self.sent : max(end, self.sent)]
+        self.sent += len(piece)
+        return piece
+
+
+async def _pieces(job: Job, text: _Text) -> AsyncIterator[tuple[str, str | None]]:
+    """Yield ``(new text, None)`` as the job's tokens arrive, then ``(rest, finish_reason)``.
+
+    Raises:
+        ApiError: 500, generation failed.
+    """
+    try:
+        while True:
+            item = await job.events.get()
+            if isinstance(item, _Failed):
+                raise ApiError(500, item.message)
+            if isinstance(item, _Done):
+                text.finish()
+                length = item.tokens >= job.max_tokens and not text.stopped
+                yield text.release(final=True), "length" if length else "stop"
+                return
+            text.add(item)
+            if text.stopped:
+                yield text.release(final=True), "stop"
+                return
+            if piece := text.release():
+                yield piece, None
+    finally:
+        job.cancelled = True
+
+
+@dataclass
+class _Shape:
+    """OpenAI response shapes for one request (chat or text completion)."""
+
+    chat: bool
+    model: str
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def head(self, stream: bool) -> dict:
+        kind = "chat.completion" + (".chunk" if stream else "") if self.chat else "text_completion"
+        prefix = "chatcmpl" if self.chat else "cmpl"
+        return dict(id=f"{prefix}-{self.id}", object=kind, created=self.created, model=self.model)
+
+    def choice(self, piece: str, finish: str | None, stream: bool) -> dict:
+        if not self.chat:
+            return dict(index=0, text=piece, logprobs=None, finish_reason=finish)
+        if stream:  # the last chunk has an empty delta and the finish reason
+            return dict(index=0, delta={"content": piece} if piece else {}, finish_reason=finish)
+        message = {"role": "assistant", "content": piece}
+        return dict(index=0, message=message, finish_reason=finish)
+
+
+def _usage(prompt: int, new: int) -> dict:
+    return dict(prompt_tokens=prompt, completion_tokens=new, total_tokens=prompt + new)
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+async def _reply(job: Job, text: _Text, shape: _Shape, stream: bool, include_usage: bool):
+    """The answer to one submitted job: a JSON body, or an SSE stream of chunks."""
+    pieces = _pieces(job, text)
+    if not stream:
+        out, finish = [], None
+        async for piece, finish in pieces:  # noqa: B007 (the last finish is the answer's)
+            out.append(piece)
+        usage = _usage(len(job.prompt), len(text.ids))
+        return {**shape.head(False), "choices": [shape.choice("".join(out), finish, False)],
+                "usage": usage}  # fmt: skip
+    first = await anext(pieces)  # an error before the first token is still a JSON 500
+    head = shape.head(True)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            if shape.chat:
+                delta = {"role": "assistant", "content": ""}
+                yield _sse({**head, "choices": [dict(index=0, delta=delta, finish_reason=None)]})
+            piece, finish = first
+            while True:
+                if piece:
+                    yield _sse({**head, "choices": [shape.choice(piece, None, True)]})
+                if finish is not None:
+                    yield _sse({**head, "choices": [shape.choice("", finish, True)]})
+                    break
+                piece, finish = await anext(pieces)
+            if include_usage:
+                yield _sse({**head, "choices": [], "usage": _usage(len(job.prompt), len(text.ids))})
+        except ApiError as exc:  # headers are sent: report in the stream
+            yield _sse(exc.body())
+        finally:
+            await pieces.aclose()
+        yield _sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+# --- the app --------------------------------------------------------------------------------
+
+
+def _context_length(loaded: LoadedRun) -> int:
+    """Positions the base model takes (the run's train.max_length when its config is silent)."""
+    config = getattr(getattr(loaded.model, "base_model", loaded.model), "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        if isinstance(value := getattr(config, name, None), int) and value > 0:
+            return value
+    return loaded.run.train.max_length
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error is a JSON body in OpenAI's shape; FastAPI's 422s become 400s."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return ApiError(400, "the body is not valid JSON", code="invalid_json").response()
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
+        return ApiError(400, message, param=loc[0] if loc else None).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return ApiError(exc.status_code, str(exc.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception) -> JSONResponse:
+        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+
+
+def build_app(loaded: LoadedRun, max_batch: int = 8, batch_window_ms: float = 10.0) -> FastAPI:
+    """The app serving ``loaded``. Its worker thread runs during the app's lifespan (uvicorn,
+    or a ``TestClient`` used as a context manager); ``app.state.stats`` counts its batches."""
+    worker = Worker(loaded, max_batch, batch_window_ms)
+    run_name, tasks, tokenizer = loaded.root.name, loaded.tasks, loaded.tokenizer
+    names = tasks if loaded.needs_task else [*tasks, run_name]
+    n_ctx = _context_length(loaded)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(worker.stop)
+
+    app = FastAPI(title=f"modulora: {run_name}", lifespan=lifespan)
+    app.state.stats, app.state.worker = worker.stats, worker
+    _add_error_handlers(app)
+
+    def resolve(model: str) -> str | None:
+        """The task a request's ``model`` asks for (None: the run's own routing)."""
+        if model in tasks:
+            return model
+        if model == run_name and not loaded.needs_task:
+            return None
+        if model == run_name:
+            message = f"{loaded.run.method} is task-gated: name a task as model, one of {tasks}"
+            raise ApiError(400, message, param="model", code="task_required")
+        message = f"model {model!r} does not exist; this server has {names}"
+        raise ApiError(404, message, param="model", code="model_not_found")
+
+    async def answer(req: _Request, prompt: list[int], task, max_tokens: int, chat: bool):
+        param = "messages" if chat else "prompt"
+        if not worker.thread.is_alive():  # e.g. the app was used without its lifespan
+            raise ApiError(503, "the generation worker is not running")
+        if not prompt:
+            raise ApiError(400, "the prompt is empty", param=param)
+        if not {"max_tokens", "max_completion_tokens"} & req.model_fields_set:
+            max_tokens = max(1, min(max_tokens, n_ctx - len(prompt)))  # the default fits
+        if len(prompt) + max_tokens > n_ctx:
+            message = (
+                f"this model's context is {n_ctx} tokens; the prompt has {len(prompt)} "
+                f"and max_tokens asks for {max_tokens} more"
+            )
+            raise ApiError(400, message, param=param, code="context_length_exceeded")
+        # greedy ignores top_p: one key, so greedy requests always share a batch
+        sampling = Sampling(req.temperature, req.top_p if req.temperature > 0 else 1.0)
+        job = Job(prompt, task, max_tokens, sampling, asyncio.get_running_loop())
+        worker.submit(job)
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        text, shape = _Text(tokenizer, req.stops()), _Shape(chat, req.model)
+        return await _reply(job, text, shape, req.stream, include_usage)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return dict(status="ok", run=run_name, method=loaded.run.method, tasks=tasks,
+                    needs_task=loaded.needs_task, models=names, context_length=n_ctx,
+                    max_batch=max_batch, batch_window_ms=batch_window_ms,
+                    stats=worker.stats.snapshot())  # fmt: skip
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        created = int(loaded.root.stat().st_mtime)
+        data = [
+            dict(id=name, object="model", created=created, owned_by="modulora", root=run_name)
+            for name in names
+        ]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        task = resolve(req.model)
+        if isinstance(req.prompt, list) and len(req.prompt) != 1:
+            raise ApiError(400, "give exactly one prompt per request", param="prompt")
+        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return await answer(req, ids, task, req.max_tokens, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        task = resolve(req.model)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            ids = chat_prompt_ids(tokenizer, messages, loaded.run.data.system_prompt, task)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="messages") from exc
+        return await answer(req, ids, task, req.max_completion_tokens or req.max_tokens, True)
+
+    return app
+
+
+@contextmanager
+def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve ``app`` from a background thread (tests, benchmarks, notebooks); yields its URL.
+
+    ``port=0`` takes a free port. The server (and the app's worker) stop on exit.
+    """
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="modulora-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.01)
+    bound = server.servers[0].sockets[0].getsockname()
+    try:
+        yield f"http://{bound[0]}:{bound[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+def serve(
+    run_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 8,
+    batch_window_ms: float = 10.0,
+    overrides=(),
+) -> None:
+    """Load the run in ``run_dir`` and serve it until interrupted (loopback by default)."""
+    loaded = load_run(run_dir, overrides)
+    app = build_app(loaded, max_batch=max_batch, batch_window_ms=batch_window_ms)
+    names = loaded.tasks if loaded.needs_task else [*loaded.tasks, loaded.root.name]
+    print(f"modulora serve: {loaded.root} ({loaded.run.method}); models: {names}", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")
