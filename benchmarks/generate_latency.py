@@ -23,7 +23,7 @@ import statistics
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from train_step import build_base as random_llama  # benchmarks/ is on sys.path
 
 import modulora
 from modulora.generate import generate_batch
@@ -40,19 +40,12 @@ def build_base(args) -> torch.nn.Module:
     if args.embedded:
         from modulora.models import load_base
 
-        return load_base("smollm2-135m")[0].eval()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 8 // 3,
-        num_hidden_layers=args.layers,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=512,
-        eos_token_id=None,
-    )
-    return LlamaForCausalLM(cfg).float().eval()
+        model = load_base("smollm2-135m")[0]
+    else:
+        args.seq = args.prompt_len + args.new_tokens
+        model = random_llama(args)  # the training benchmark's model
+    model.generation_config.eos_token_id = None  # every run makes the same number of tokens
+    return model.eval()
 
 
 def _mixture(args, method: str, **kw) -> modulora.MixtureModel:
