@@ -174,6 +174,28 @@ def test_streamed_tokens_are_the_returned_tokens():
     assert [seen[0], seen[1]] == rows and all(len(r) <= 5 for r in rows)
 
 
+def test_a_row_ended_by_its_callback_stops_while_the_others_go_on():
+    model = _mixture("multi-lora")
+    prompts, tasks = [[5, 6, 7], [8, 9, 10, 11]], ["math", "med"]
+    seen = []
+
+    def on_token(row, tok):
+        seen.append(row)
+        return row == 0 and seen.count(0) == 2  # row 0 wants two tokens only
+
+    rows = generate_batch(model, _FakeTok(), prompts, tasks, 8, on_token=on_token)
+    assert len(rows[0]) <= 2 and seen.count(0) == len(rows[0])
+    assert rows[1] == generate_batch(model, _FakeTok(), prompts[1:], tasks[1:], 8)[0]
+    assert rows[0] == generate_batch(model, _FakeTok(), prompts[:1], tasks[:1], 8)[0][:2]
+    calls = []  # a row ended early really stops: fewer forward passes
+    hook = model.base_model.register_forward_hook(lambda *a: calls.append(1))
+    full = generate_batch(model, _FakeTok(), prompts[1:], tasks[1:], 8)[0]
+    passes, calls[:] = len(calls), []
+    generate_batch(model, _FakeTok(), prompts[1:], tasks[1:], 8, on_token=lambda r, t: True)
+    hook.remove()
+    assert len(full) == 8 and passes >= 8 and len(calls) <= 2
+
+
 class _FakeTok:
     """Just the two ids generation needs, for models with a 97-token vocabulary."""
 

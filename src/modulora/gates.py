@@ -131,6 +131,7 @@ class TokenRouter(nn.Module):
         """
         mask = None if allowed is None else torch.tensor(allowed, dtype=torch.bool)
         self.task_mask = None if mask is None else mask.to(self.weight.device)
+
     @property
     def num_experts(self) -> int:
         return self.weight.shape[0]

@@ -91,17 +91,6 @@ class Sampling:
         return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
 
 
-class _RowLimits(StoppingCriteria):
-    """Each row stops after its own number of new tokens."""
-
-    def __init__(self, prompt_len: int, limits: list[int]) -> None:
-        self.prompt_len, self.limits = prompt_len, torch.tensor(limits)
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
-        made = input_ids.shape[1] - self.prompt_len
-        return (made >= self.limits.to(input_ids.device)).bool()
-
-
 class _RowStreamer(BaseStreamer):
     """Collects each row's new tokens, and hands each to ``on_token(row, token_id)`` as it is
     decided, until the row ends (its limit, or an end token, which is not kept)."""
@@ -111,6 +100,7 @@ class _RowStreamer(BaseStreamer):
         self.tokens: list[list[int]] = [[] for _ in limits]
         self.count = [0] * len(limits)
         self.done = [False] * len(limits)
+        self.ended = [False] * len(limits)  # rows the caller ended early
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -125,11 +115,25 @@ class _RowStreamer(BaseStreamer):
                 self.done[row] = True
                 continue
             self.tokens[row].append(tok)
-            self.on_token(row, tok)
-            self.done[row] = self.count[row] >= self.limits[row]
+            if self.on_token(row, tok):  # the caller needs no more of this row
+                self.ended[row] = True
+            self.done[row] = self.ended[row] or self.count[row] >= self.limits[row]
 
     def end(self) -> None:
         pass
+
+
+class _RowLimits(StoppingCriteria):
+    """Each row stops after its own number of new tokens, or when its streamer says so
+    (generate() hands the streamer each step's tokens before it asks this)."""
+
+    def __init__(self, prompt_len: int, limits: list[int], streamer: _RowStreamer) -> None:
+        self.prompt_len, self.limits, self.streamer = prompt_len, torch.tensor(limits), streamer
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
+        made = input_ids.shape[1] - self.prompt_len
+        ended = torch.tensor(self.streamer.ended, device=input_ids.device)
+        return (made >= self.limits.to(input_ids.device)) | ended
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -169,7 +173,9 @@ def generate_batch(
         max_new_tokens: one limit for all rows or one per row.
         sampling: greedy (default) or temperature / top-p sampling.
         on_token: called as ``on_token(row, token_id)`` for each new token of a row,
-            in order, as soon as it is decided (not called for the end token).
+            in order, as soon as it is decided (not called for the end token); a true
+            return value ends that row there (a stop string, a client gone), which
+            frees its compute while the other rows go on.
 
     Returns:
         Per row, the new token ids, without padding or the end token.
@@ -194,7 +200,7 @@ def generate_batch(
         input_ids=ids,
         attention_mask=mask,
         max_new_tokens=max(limits),
-        stopping_criteria=StoppingCriteriaList([_RowLimits(width, limits)]),
+        stopping_criteria=StoppingCriteriaList([_RowLimits(width, limits, streamer)]),
         pad_token_id=pad,
         streamer=streamer,
         **sampling.kwargs(),

@@ -17,8 +17,7 @@ Choices: ``temperature`` defaults to 0 (greedy, reproducible; OpenAI's default i
 a completion prompt is tokenized as is with ``add_special_tokens=False``, as training
 tokenizes text records; a chat is rendered exactly as in training, with the run's
 ``data.system_prompt``; text is decoded with special tokens skipped; a ``stop``
-string ends the answer, though its row still runs to its limit inside its batch
-(``generate_batch`` cannot end one row early).
+string (or a client gone) ends the answer and its row in the batch, at the next token.
 """
 
 from __future__ import annotations
@@ -204,7 +203,7 @@ class Worker:
             rows = generate_batch(
                 loaded.model, loaded.tokenizer, [j.prompt for j in group], tasks,
                 [j.max_tokens for j in group], group[0].sampling,
-                on_token=lambda row, token: group[row].send(token),
+                on_token=lambda row, token: group[row].send(token) or group[row].cancelled,
             )  # fmt: skip
         except Exception as exc:
             log.exception("generation failed for a batch of %d", len(group))
