@@ -49,6 +49,12 @@ def test_quickstart_trains_adds_a_task_evaluates_and_compares(
     before = json.loads((qs / "modula-res" / "eval-before-translate" / "results.json").read_text())
     assert "translate" not in before["model"]["tasks"] and "mmlu" not in before["model"]
     after = json.loads((qs / "modula-res" / "eval" / "results.json").read_text())
+    # the old tasks answer exactly as before the addition
+    assert added["old_task_outputs_identical"] is True and added["router"] == "new"
+    for task, scored in before["model"]["tasks"].items():
+        assert after["model"]["tasks"][task]["score"] == scored["score"], task
+        got = [s["prediction"] for s in after["model"]["tasks"][task]["samples"]]
+        assert got == [s["prediction"] for s in scored["samples"]], task
     assert {"math", "medical", "news", "chinese", "translate"} <= set(after["model"]["tasks"])
     assert "mmlu" in after["base"] and "perplexity" in after["model"]
     assert (qs / "compare" / "compare.png").stat().st_size > 0
