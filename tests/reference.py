@@ -19,8 +19,14 @@ from modulora.layers import MixtureLinear
 from modulora.moe_ffn import ExpertFFNLinear, MoEFFN
 
 
-def token_weights(router: TokenRouter, x: torch.Tensor) -> torch.Tensor:
-    probs = torch.softmax(x @ router.weight.T, dim=-1)  # (..., E)
+def token_weights(router: TokenRouter, x: torch.Tensor, route=None) -> torch.Tensor:
+    logits = x @ router.weight.T  # (B, T, E)
+    mask = getattr(router, "task_mask", None)
+    if mask is not None and route is not None and route.task_ids is not None:
+        # a row naming a task may use only the experts that existed when it was trained
+        for b, t in enumerate(route.task_ids.tolist()):
+            logits[b] = logits[b].masked_fill(~mask[t], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)  # (..., E)
     k = router.top_k
     if k is None or k >= probs.shape[-1]:
         return probs
@@ -63,7 +69,7 @@ def gate_weights(layer, x: torch.Tensor, route, num_experts: int) -> torch.Tenso
     if router is None:
         return torch.ones(shape)
     if isinstance(router, TokenRouter):
-        return token_weights(router, x)
+        return token_weights(router, x, route)
     table = (task_weights if isinstance(router, TaskGate) else select_weights)(
         router, route.task_ids, num_experts
     )

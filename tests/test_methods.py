@@ -215,6 +215,30 @@ def test_add_task_grows_routers_by_one_output():
     )
 
 
+@pytest.mark.parametrize("top_k", [None, 2])
+@pytest.mark.parametrize("method", ["modula-res", "modula-flan", "molora"])
+def test_fused_equals_reference_with_added_task_masks(method, top_k):
+    model = modulora.attach(tiny_model().double(), method_config(method, top_k=top_k)).double()
+    model.add_task("finance")
+    randomize_adapters(model, scale=0.1)
+    model.set_stage("inference")
+    for p in model.adapter_parameters().values():
+        p.requires_grad_(True)
+    ids, mask = batch()
+    results = []
+    for swap in (use_fused, use_reference):
+        swap(model)
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids, attention_mask=mask, task=["finance", "math", "med"]).logits
+        logits.square().sum().backward()
+        results.append((logits.detach(), _grads(model)))
+    use_fused(model)
+    (fused, g_fused), (ref, g_ref) = results
+    torch.testing.assert_close(fused, ref, atol=1e-10, rtol=1e-10)
+    for name in g_fused:
+        torch.testing.assert_close(g_fused[name], g_ref[name], atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize("method", ["modula-res", "modula-flan", "molora", "loramoe"])
 def test_token_routed_old_tasks_are_bit_identical_after_add_task(method):
     """A row that names an old task routes over the experts that existed when it was
