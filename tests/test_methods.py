@@ -268,6 +268,31 @@ def test_token_routed_old_tasks_are_bit_identical_after_add_task(method):
     assert not torch.allclose(new[0], named[0])
 
 
+def test_frozen_expert_stacks_are_reused_until_the_experts_change():
+    model = modulora.attach(tiny_model(), method_config("molora"))
+    randomize_adapters(model)
+    model.set_stage("inference")
+    ids, mask = batch()
+    layer = next(iter(model.layers.values()))
+    with torch.inference_mode():
+        first = model(input_ids=ids, attention_mask=mask).logits
+    A = layer.modulora_experts.stacked().A
+    assert A is layer.modulora_experts.stacked().A  # reused, not concatenated again
+    with torch.no_grad():
+        for lay in model.layers.values():
+            lay.modulora_experts.B[1].mul_(2.0)  # in place: the cache must notice
+        changed = model(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(changed, first)
+    use_reference(model)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+    use_fused(model)
+    torch.testing.assert_close(changed, ref, atol=1e-5, rtol=1e-5)
+    model.set_stage("joint")  # experts train again: concatenated in the graph, grads flow
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    assert layer.modulora_experts.B[1].grad is not None
+
+
 def test_moe_ct_layers_wrap_ffn_blocks_and_optionally_train_embeddings():
     model = modulora.attach(
         tiny_model("qwen2"),

@@ -52,6 +52,7 @@ class ExpertBank(nn.Module):
         self.alphas: list[float] = []
         self._factory = {"device": device, "dtype": dtype}
         self._cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._stacks: dict[tuple[int, ...], tuple] = {}  # frozen experts' A_all, B_all
 
     def __len__(self) -> int:
         return len(self.names)
@@ -76,12 +77,18 @@ class ExpertBank(nn.Module):
         self.ranks.append(rank)
         self.alphas.append(alpha)
         self._cache.clear()
+        self._stacks.clear()
 
     def _index_tensors(self, sel: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
         # segment and scale depend only on which experts are selected: cache them
         # so the hot path builds no small tensors from Python lists.
         hit = self._cache.get(sel)
-        if hit is None or hit[0].device != device:
+        made_in_inference = hit is not None and hit[1].is_inference()
+        if (
+            hit is None
+            or hit[0].device != device
+            or (made_in_inference and not torch.is_inference_mode_enabled())
+        ):
             segment = torch.cat(
                 [torch.full((self.ranks[i],), j, dtype=torch.long) for j, i in enumerate(sel)]
             ).to(device)
@@ -97,10 +104,31 @@ class ExpertBank(nn.Module):
         if len(sel) == 1:
             A, B = self.A[sel[0]], self.B[sel[0]]
         else:
-            A = torch.cat([self.A[i] for i in sel], dim=0)
-            B = torch.cat([self.B[i] for i in sel], dim=1)
+            A, B = self._concatenated(sel)
         segment, scale = self._index_tensors(sel, A.device)
         return Stacked(A, B, segment, scale.to(A.dtype))
+
+    def _concatenated(self, sel: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A_all`` (R, d_in) and ``B_all`` (d_out, R) of the selected experts.
+
+        Frozen experts (inference, generation, a router stage) reuse the last
+        concatenation while their tensors are unchanged: the key holds each tensor's
+        storage and in-place version, so an optimizer step, a load or a move invalidates
+        it. Experts that train are concatenated in the graph on every call.
+        """
+        params = [self.A[i] for i in sel] + [self.B[i] for i in sel]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return torch.cat(params[: len(sel)], dim=0), torch.cat(params[len(sel) :], dim=1)
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        hit = self._stacks.get(sel)
+        # tensors made under inference_mode cannot be saved for backward outside it
+        stale = hit is not None and hit[1].is_inference() and not torch.is_inference_mode_enabled()
+        if hit is None or hit[0] != key or stale:
+            with torch.no_grad():
+                A = torch.cat(params[: len(sel)], dim=0)
+                B = torch.cat(params[len(sel) :], dim=1)
+            hit = self._stacks[sel] = (key, A, B)
+        return hit[1], hit[2]
 
     def expert_tensors(self, name: str) -> dict[str, torch.Tensor]:
         i = self.index(name)
