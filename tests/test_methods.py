@@ -293,6 +293,32 @@ def test_frozen_expert_stacks_are_reused_until_the_experts_change():
     assert layer.modulora_experts.B[1].grad is not None
 
 
+@pytest.mark.parametrize(
+    ("method", "stage", "top_k"),
+    [
+        ("lora", "joint", None),
+        ("molora", "joint", None),
+        ("molora", "joint", 2),
+        ("modula-flan", "domain:med", None),
+        ("modula-res", "universal", None),
+        ("modula-res", "router", 2),
+    ],
+)
+def test_expert_path_compiles_without_graph_breaks(method, stage, top_k):
+    """torch.compile(fullgraph=True) traces an adapted layer whole: forward and backward."""
+    model = modulora.attach(tiny_model(), method_config(method, top_k=top_k))
+    randomize_adapters(model)
+    model.set_stage(stage)
+    layer = next(iter(model.layers.values()))
+    x = torch.randn(2, 5, layer.d_in, requires_grad=True)
+    eager = layer(x)
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(compiled, eager)
+    compiled.sum().backward()
+    trained = [p for p in layer.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None for p in trained)
+
+
 def test_moe_ct_layers_wrap_ffn_blocks_and_optionally_train_embeddings():
     model = modulora.attach(
         tiny_model("qwen2"),

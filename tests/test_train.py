@@ -350,6 +350,23 @@ def test_bf16_checkpointing_packing_interleave_train(tmp_path, model_path):
     assert cost["valid_loss_end"] < cost["valid_loss_start"]
 
 
+@pytest.mark.parametrize("method", ["modula-res", "cgc-lora"])
+def test_compiled_training_equals_eager_training(tmp_path, model_path, method):
+    """train.compile traces the adapted layers; the eager backend runs the same ops,
+    so a compiled run must end with the same weights as a plain one."""
+    from torch._dynamo.utils import counters
+
+    for sub, extra in (("plain", {}), ("compiled", {"compile": True, "compile_backend": "eager"})):
+        config = _run(tmp_path / sub, method, model_path, train={**FAST, "max_steps": 3, **extra})
+        counters.clear()
+        assert main(["train", str(config)]) == 0
+        assert (counters["stats"]["unique_graphs"] > 0) == bool(extra)  # compiled or not
+    plain, compiled = _tensors(tmp_path / "plain" / "run"), _tensors(tmp_path / "compiled" / "run")
+    assert plain.keys() == compiled.keys()
+    for k in plain:
+        torch.testing.assert_close(compiled[k], plain[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
 def test_tensorboard_logs_or_says_how_to_install(tmp_path, model_path, capsys):
     import importlib.util
 

@@ -82,6 +82,8 @@ class ExpertBank(nn.Module):
     def _index_tensors(self, sel: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
         # segment and scale depend only on which experts are selected: cache them
         # so the hot path builds no small tensors from Python lists.
+        if torch.compiler.is_compiling():  # traced once into the graph: no Python cache
+            return self._build_index(sel, device)
         hit = self._cache.get(sel)
         made_in_inference = hit is not None and hit[1].is_inference()
         if (
@@ -89,14 +91,17 @@ class ExpertBank(nn.Module):
             or hit[0].device != device
             or (made_in_inference and not torch.is_inference_mode_enabled())
         ):
-            segment = torch.cat(
-                [torch.full((self.ranks[i],), j, dtype=torch.long) for j, i in enumerate(sel)]
-            ).to(device)
-            scale = torch.tensor(
-                [self.alphas[i] / self.ranks[i] for i in sel], dtype=self._factory["dtype"]
-            ).to(device)
-            hit = self._cache[sel] = (segment, scale)
+            hit = self._cache[sel] = self._build_index(sel, device)
         return hit
+
+    def _build_index(self, sel: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
+        segment = torch.cat(
+            [torch.full((self.ranks[i],), j, dtype=torch.long) for j, i in enumerate(sel)]
+        ).to(device)
+        scale = torch.tensor(
+            [self.alphas[i] / self.ranks[i] for i in sel], dtype=self._factory["dtype"]
+        ).to(device)
+        return segment, scale
 
     def stacked(self, select: tuple[int, ...] | None = None) -> Stacked:
         """Concatenate the selected experts (all by default) for one fused forward."""
@@ -117,7 +122,8 @@ class ExpertBank(nn.Module):
         it. Experts that train are concatenated in the graph on every call.
         """
         params = [self.A[i] for i in sel] + [self.B[i] for i in sel]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if trains or torch.compiler.is_compiling():
             return torch.cat(params[: len(sel)], dim=0), torch.cat(params[len(sel) :], dim=1)
         key = tuple((p.data_ptr(), p._version) for p in params)
         hit = self._stacks.get(sel)

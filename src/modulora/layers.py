@@ -58,6 +58,8 @@ def lora_delta(
 def route_for(layer: nn.Module, route: Route | None) -> Route | None:
     """The route of this call; inside backward (a checkpoint recomputing the forward)
     the route of the layer's last routed call, which is the one being recomputed."""
+    if torch.compiler.is_compiling():
+        return route
     if route is None and torch._C._current_graph_task_id() != -1:
         return getattr(layer, "last_route", None)
     return route

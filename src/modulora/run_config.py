@@ -142,6 +142,11 @@ class TrainConfig:
             where the hardware computes it natively (CUDA with bf16, CPUs with
             AVX512-BF16/AMX), fp32 elsewhere, where emulated bf16 is many times slower.
         gradient_checkpointing: recompute activations in backward to save memory.
+        compile: ``torch.compile`` every adapted layer for the stage (the expert path
+            traces whole, without graph breaks, for token, fixed and no gates; task
+            gates break once per call at their data-dependent choice of experts).
+        compile_backend: the ``torch.compile`` backend (``inductor``; ``eager`` traces
+            without generating code, for checking).
         eval_every: validation loss every N steps (0: only before and after the stage).
         save_every: mid-stage checkpoint every N steps (0: only at the end of the stage).
         log_every: write a metrics line every N steps.
@@ -162,6 +167,8 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"
     gradient_checkpointing: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
     eval_every: int = 50
     save_every: int = 100
     log_every: int = 1

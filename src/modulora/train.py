@@ -246,6 +246,12 @@ def run_stage(
     cfg = stage.train
     core.set_stage(stage.name)
     core.train()
+    if cfg.compile:  # each layer's call, hooks included, compiled in place for this stage
+        # every layer shares Module._call_impl's code object, whose compiled versions are
+        # capped (recompile_limit): start each stage from a clean cache, not the last one's
+        torch._dynamo.reset()
+        for layer in core.layers.values():
+            layer.compile(backend=cfg.compile_backend)
     trainable = [p for p in core.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     steps = total_steps(len(data.train), cfg)
@@ -289,6 +295,8 @@ def run_stage(
     log.eval(progress.step, final)
     log.close()
     acc.unwrap_model(model, keep_fp32_wrapper=False)  # drops accelerate's autocast wrapper
+    for layer in core.layers.values():
+        layer._compiled_call_impl = None  # the next stage gates differently: compile anew
     acc.free_memory()
     return {
         "stage": stage.name,
