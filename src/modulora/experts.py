@@ -32,11 +32,25 @@ class Stacked:
     B: torch.Tensor
     segment: torch.Tensor
     scale: torch.Tensor
+    rank: int | None = None  # the rank of every selected expert, when they share one
 
     def expand(self, weights: torch.Tensor | None) -> torch.Tensor:
         """Per-rank-row coefficient (..., R) from per-expert gate weights (..., E_sel)."""
         coef = self.scale if weights is None else weights * self.scale
         return coef[..., self.segment]
+
+    def scale_rows(self, u: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """``u`` (..., R) with each expert's rank rows times its gate weight and alpha/r.
+
+        With one rank for all experts this is a broadcast over a (..., E, r) view, whose
+        backward is a plain reduction; gathering a (..., R) coefficient (``expand``)
+        costs an index scatter in backward, several times slower on CPU.
+        """
+        if weights is None or self.rank is None:
+            return u * self.expand(weights)
+        coef = weights * self.scale  # (..., E)
+        rows = u.view(*u.shape[:-1], -1, self.rank)  # (..., E, r)
+        return (rows * coef[..., None]).view(u.shape)
 
 
 class ExpertBank(nn.Module):
@@ -111,7 +125,9 @@ class ExpertBank(nn.Module):
         else:
             A, B = self._concatenated(sel)
         segment, scale = self._index_tensors(sel, A.device)
-        return Stacked(A, B, segment, scale.to(A.dtype))
+        ranks = {self.ranks[i] for i in sel}
+        rank = ranks.pop() if len(ranks) == 1 else None
+        return Stacked(A, B, segment, scale.to(A.dtype), rank)
 
     def _concatenated(self, sel: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """``A_all`` (R, d_in) and ``B_all`` (d_out, R) of the selected experts.

@@ -51,7 +51,7 @@ def lora_delta(
         u = act(u)
     if weights is not None and weights.device != u.device:
         weights = weights.to(u.device)
-    u = u * stacked.expand(weights)  # (..., R): gate weight * alpha/r of the owning expert
+    u = stacked.scale_rows(u, weights)  # (..., R): gate weight * alpha/r of the owning expert
     return F.linear(u, stacked.B)  # (..., d_out)
 
 
