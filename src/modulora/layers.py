@@ -33,7 +33,11 @@ def linear_dims(layer: nn.Module) -> tuple[int, int]:
 
 
 def lora_delta(
-    x: torch.Tensor, stacked: Stacked, weights: torch.Tensor | None, act=None
+    x: torch.Tensor,
+    stacked: Stacked,
+    weights: torch.Tensor | None,
+    act=None,
+    add_to: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused expert path: ``B_all (coef * act(A_all x))`` for all selected experts at once.
 
@@ -42,9 +46,11 @@ def lora_delta(
         stacked: the selected experts (see ``ExpertBank.stacked``).
         weights: gate weights broadcastable to (..., E_sel), or None for weight 1.
         act: optional non-linearity between A and B (MoDULA-Res domain experts).
+        add_to: (..., d_out) the base layer's output: returned plus the experts' sum,
+            added inside the second matmul (``addmm``) instead of in another pass.
 
     Returns:
-        (..., d_out) the weighted sum of the experts' outputs.
+        (..., d_out) the weighted sum of the experts' outputs (plus ``add_to``).
     """
     u = F.linear(x.to(stacked.A.dtype), stacked.A)  # (..., R): every expert's rank rows
     if act is not None:
@@ -52,7 +58,14 @@ def lora_delta(
     if weights is not None and weights.device != u.device:
         weights = weights.to(u.device)
     u = stacked.scale_rows(u, weights)  # (..., R): gate weight * alpha/r of the owning expert
-    return F.linear(u, stacked.B)  # (..., d_out)
+    if add_to is None:
+        return F.linear(u, stacked.B)  # (..., d_out)
+    if add_to.dtype != u.dtype:  # e.g. a bf16 base under fp32 experts
+        return add_to + F.linear(u, stacked.B).to(add_to.dtype)
+    flat = torch.addmm(
+        add_to.reshape(-1, add_to.shape[-1]), u.reshape(-1, u.shape[-1]), stacked.B.t()
+    )
+    return flat.view(add_to.shape)  # (..., d_out)
 
 
 def route_for(layer: nn.Module, route: Route | None) -> Route | None:
@@ -124,8 +137,8 @@ class MixtureLinear(nn.Module):
             inp, act = h, self._act
         if gate.select == () or len(self.modulora_experts) == 0:
             return y
-        delta = lora_delta(inp, self.modulora_experts.stacked(gate.select), gate.weights, act)
-        return y + delta.to(y.dtype)
+        stacked = self.modulora_experts.stacked(gate.select)
+        return lora_delta(inp, stacked, gate.weights, act, add_to=y)
 
     def extra_repr(self) -> str:
         banks = [("experts", self.modulora_experts), ("universal", self.modulora_universal)]
