@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -112,7 +111,15 @@ def child(name: str, args, batch) -> None:
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     step_time(model, opt, {**batch, **extra}, 2)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+    print(peak_rss_of_this_process())
+
+
+def peak_rss_of_this_process() -> float:
+    """VmHWM (MiB): this process's own peak. Not ru_maxrss, which a child started by
+    fork + exec inherits from its parent's peak (Linux keeps it across exec)."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kib / 1024
 
 
 def main() -> None:
