@@ -72,12 +72,20 @@ def configurations(args):
 
 
 def memory_bytes(model, batch) -> int:
-    """Params + grads + AdamW state of trainable params + tensors saved for backward."""
+    """Params + grads + AdamW state of trainable params + tensors saved for backward.
+
+    A saved tensor counts once per storage (the same input saved by two matmuls is
+    one buffer), and not at all when it is a parameter (counted already).
+    """
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = 0
 
     def pack(t):
         nonlocal saved
-        saved += t.numel() * t.element_size()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in storages:
+            storages.add(ptr)
+            saved += t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
