@@ -17,6 +17,7 @@ import torch
 from fastapi.testclient import TestClient
 from tiny import model_dir, tokenizer, write_run
 
+from modulora import batching
 from modulora import serve as serve_module
 from modulora.cli import main
 from modulora.generate import chat_prompt_ids, generate_batch, load_run
@@ -291,7 +292,7 @@ def test_generation_failure_fails_only_that_batch(gated, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(serve_module, "generate_batch", broken)
+    monkeypatch.setattr(batching, "generate_batch", broken)
     r = client.post("/v1/chat/completions", json={**CHAT, "model": "upper"})
     assert "boom" in _error(r, 500)["message"]
     streamed = client.post("/v1/chat/completions", json={**CHAT, "model": "upper", "stream": True})

@@ -7,11 +7,8 @@ routing, every expert) is accepted too. A token-routed row that names a task rou
 over the experts that existed when that task was trained (so tasks added later do not
 move it); rows naming the run route over all experts.
 
-Batching: one worker thread owns the model. Requests become jobs on a queue; the
-worker takes the first job, waits up to ``batch_window_ms`` for more (at most
-``max_batch``), groups them by sampling settings and runs one ``generate_batch`` per
-group, rows of different tasks together. Each new token goes back to its request's
-event loop with ``call_soon_threadsafe``, so the loop never waits on generation.
+Batching: requests within ``batch_window_ms`` of each other run as one batch, across
+tasks, on the one thread that owns the model (``batching.py``).
 
 Choices: ``temperature`` defaults to 0 (greedy, reproducible; OpenAI's default is 1);
 a completion prompt is tokenized as is with ``add_special_tokens=False``, as training
@@ -23,14 +20,11 @@ string (or a client gone) ends the answer and its row in the batch, at the next 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import queue
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -43,7 +37,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from .generate import LoadedRun, Sampling, chat_prompt_ids, generate_batch, load_run
+from .batching import Done, Failed, Job, Worker
+from .generate import LoadedRun, Sampling, chat_prompt_ids, load_run
 
 MAX_TOKENS = 2048  # most new tokens one request may ask for
 log = logging.getLogger("modulora.serve")
@@ -102,124 +97,6 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)  # newer OpenAI name
 
 
-# --- the worker thread ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Done:
-    tokens: int  # new tokens the row made (the end token not counted)
-
-
-@dataclass(frozen=True)
-class _Failed:
-    message: str
-
-
-@dataclass
-class Job:
-    """One request's row: what to generate, and the asyncio queue its tokens go to."""
-
-    prompt: list[int]
-    task: str | None
-    max_tokens: int
-    sampling: Sampling
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: bool = False  # the request is gone (or has its answer): skip it if not started
-
-    def send(self, item: int | _Done | _Failed) -> None:
-        """Hand ``item`` to the request's event loop (called from the worker thread)."""
-        with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
-            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
-
-
-@dataclass
-class Stats:
-    """What the worker ran, for /health, tests and benchmarks (written under ``lock``)."""
-
-    batches: int = 0
-    requests: int = 0
-    failed_batches: int = 0
-    sizes: Counter = field(default_factory=Counter)  # batch size -> number of batches
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def snapshot(self) -> dict:
-        with self.lock:
-            mean = self.requests / self.batches if self.batches else 0.0
-            sizes = {str(k): v for k, v in sorted(self.sizes.items())}
-            return dict(batches=self.batches, requests=self.requests, mean_batch_size=mean,
-                        failed_batches=self.failed_batches, batch_sizes=sizes)  # fmt: skip
-
-
-class Worker:
-    """The one thread that runs the model: collects queued jobs into batches, generates."""
-
-    def __init__(self, loaded: LoadedRun, max_batch: int = 8, batch_window_ms: float = 10.0):
-        if max_batch < 1 or batch_window_ms < 0:
-            raise ValueError("max_batch must be >= 1 and batch_window_ms >= 0")
-        self.loaded, self.max_batch, self.window = loaded, max_batch, batch_window_ms / 1000
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.stats = Stats()
-        self.thread = threading.Thread(target=self._run, name="modulora-generate", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def submit(self, job: Job) -> None:
-        self.jobs.put(job)
-
-    def stop(self) -> None:
-        """Finish the batch being collected or run, then end the thread."""
-        self.jobs.put(None)
-        self.thread.join(timeout=60)
-
-    def _run(self) -> None:
-        while (first := self.jobs.get()) is not None:
-            batch, deadline, stopping = [first], time.monotonic() + self.window, False
-            while len(batch) < self.max_batch:
-                try:
-                    job = self.jobs.get(timeout=max(deadline - time.monotonic(), 1e-6))
-                except queue.Empty:
-                    break
-                if job is None:
-                    stopping = True
-                    break
-                batch.append(job)
-            # a batch's rows either all name a task or none does (the run's own routing)
-            groups: dict[tuple[Sampling, bool], list[Job]] = {}
-            for job in batch:
-                if not job.cancelled:
-                    groups.setdefault((job.sampling, job.task is None), []).append(job)
-            for group in groups.values():
-                self._generate(group)
-            if stopping:
-                return
-
-    def _generate(self, group: list[Job]) -> None:
-        """One ``generate_batch`` call; an exception fails this group's requests only."""
-        loaded = self.loaded
-        tasks = None if group[0].task is None else [j.task for j in group]
-        try:
-            rows = generate_batch(
-                loaded.model, loaded.tokenizer, [j.prompt for j in group], tasks,
-                [j.max_tokens for j in group], group[0].sampling,
-                on_token=lambda row, token: group[row].send(token) or group[row].cancelled,
-            )  # fmt: skip
-        except Exception as exc:
-            log.exception("generation failed for a batch of %d", len(group))
-            with self.stats.lock:
-                self.stats.failed_batches += 1
-            for job in group:
-                job.send(_Failed(f"generation failed: {type(exc).__name__}: {exc}"))
-            return
-        with self.stats.lock:
-            self.stats.batches += 1
-            self.stats.requests += len(group)
-            self.stats.sizes[len(group)] += 1
-        for job, row in zip(group, rows, strict=True):
-            job.send(_Done(len(row)))
-
-
 # --- text out -------------------------------------------------------------------------------
 
 
@@ -268,9 +145,9 @@ async def _pieces(job: Job, text: _Text) -> AsyncIterator[tuple[str, str | None]
     try:
         while True:
             item = await job.events.get()
-            if isinstance(item, _Failed):
+            if isinstance(item, Failed):
                 raise ApiError(500, item.message)
-            if isinstance(item, _Done):
+            if isinstance(item, Done):
                 text.finish()
                 length = item.tokens >= job.max_tokens and not text.stopped
                 yield text.release(final=True), "length" if length else "stop"
