@@ -33,9 +33,12 @@ class Stacked:
     segment: torch.Tensor
     scale: torch.Tensor
     rank: int | None = None  # the rank of every selected expert, when they share one
+    row_scale: torch.Tensor | None = None  # (R,) alpha/r per rank row (= expand(None))
 
     def expand(self, weights: torch.Tensor | None) -> torch.Tensor:
         """Per-rank-row coefficient (..., R) from per-expert gate weights (..., E_sel)."""
+        if weights is None and self.row_scale is not None:
+            return self.row_scale
         coef = self.scale if weights is None else weights * self.scale
         return coef[..., self.segment]
 
@@ -66,7 +69,7 @@ class ExpertBank(nn.Module):
         self.alphas: list[float] = []
         self._factory = {"device": device, "dtype": dtype}
         self._cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._stacks: dict[tuple[int, ...], tuple] = {}  # frozen experts' A_all, B_all
+        self._stacks: dict[tuple[int, ...], tuple] = {}  # frozen experts' Stacked, by key
 
     def __len__(self) -> int:
         return len(self.names)
@@ -118,39 +121,42 @@ class ExpertBank(nn.Module):
         return segment, scale
 
     def stacked(self, select: tuple[int, ...] | None = None) -> Stacked:
-        """Concatenate the selected experts (all by default) for one fused forward."""
-        sel = tuple(range(len(self.names))) if select is None else select
-        if len(sel) == 1:
-            A, B = self.A[sel[0]], self.B[sel[0]]
-        else:
-            A, B = self._concatenated(sel)
-        segment, scale = self._index_tensors(sel, A.device)
-        ranks = {self.ranks[i] for i in sel}
-        rank = ranks.pop() if len(ranks) == 1 else None
-        return Stacked(A, B, segment, scale.to(A.dtype), rank)
+        """The selected experts (all by default), concatenated for one fused forward.
 
-    def _concatenated(self, sel: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``A_all`` (R, d_in) and ``B_all`` (d_out, R) of the selected experts.
-
-        Frozen experts (inference, generation, a router stage) reuse the last
-        concatenation while their tensors are unchanged: the key holds each tensor's
-        storage and in-place version, so an optimizer step, a load or a move invalidates
-        it. Experts that train are concatenated in the graph on every call.
+        Frozen experts (inference, generation, a router stage) reuse the last result
+        while their tensors are unchanged: the key holds each tensor's storage and
+        in-place version, so an optimizer step, a load or a move invalidates it.
+        Experts that train are concatenated in the graph on every call.
         """
-        params = [self.A[i] for i in sel] + [self.B[i] for i in sel]
+        sel = tuple(range(len(self.names))) if select is None else select
+        # the lists' own dicts: ParameterList indexing costs microseconds per item
+        a, b = list(self.A._parameters.values()), list(self.B._parameters.values())
+        params = [a[i] for i in sel] + [b[i] for i in sel]
         trains = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        if trains or torch.compiler.is_compiling():
-            return torch.cat(params[: len(sel)], dim=0), torch.cat(params[len(sel) :], dim=1)
+        if trains or torch.compiler.is_compiling():  # no Python cache inside a graph
+            return self._build(sel, params)
         key = tuple((p.data_ptr(), p._version) for p in params)
         hit = self._stacks.get(sel)
         # tensors made under inference_mode cannot be saved for backward outside it
-        stale = hit is not None and hit[1].is_inference() and not torch.is_inference_mode_enabled()
+        stale = (
+            hit is not None and hit[1].A.is_inference() and not torch.is_inference_mode_enabled()
+        )
         if hit is None or hit[0] != key or stale:
             with torch.no_grad():
-                A = torch.cat(params[: len(sel)], dim=0)
-                B = torch.cat(params[len(sel) :], dim=1)
-            hit = self._stacks[sel] = (key, A, B)
-        return hit[1], hit[2]
+                hit = self._stacks[sel] = (key, self._build(sel, params))
+        return hit[1]
+
+    def _build(self, sel: tuple[int, ...], params: list[torch.Tensor]) -> Stacked:
+        n = len(sel)
+        if n == 1:
+            A, B = params
+        else:
+            A, B = torch.cat(params[:n], dim=0), torch.cat(params[n:], dim=1)
+        segment, scale = self._index_tensors(sel, A.device)
+        ranks = {self.ranks[i] for i in sel}
+        rank = ranks.pop() if len(ranks) == 1 else None
+        scale = scale.to(A.dtype)
+        return Stacked(A, B, segment, scale, rank, scale[segment])
 
     def expert_tensors(self, name: str) -> dict[str, torch.Tensor]:
         i = self.index(name)
