@@ -292,8 +292,10 @@ class TaskGate(nn.Module):
         if route is None or route.task_ids is None:
             raise ValueError("a task-gated layer needs task ids (pass task=...)")
         select = route.used_experts(self.allowed)
-        emb = torch.stack(list(self.emb))[route.task_ids]  # (B, D)
-        logits = emb @ torch.stack([self.rows[i] for i in select]).T  # (B, E_sel)
+        # the lists' own dicts: ParameterList indexing costs microseconds per item
+        embs, rows = list(self.emb._parameters.values()), list(self.rows._parameters.values())
+        emb = torch.stack(embs)[route.task_ids]  # (B, D)
+        logits = emb @ torch.stack([rows[i] for i in select]).T  # (B, E_sel)
         logits = logits.masked_fill(~self.allowed[route.task_ids][:, select], float("-inf"))
         return GateOut(select=select, weights=per_row(logits.softmax(dim=-1), x))
 
