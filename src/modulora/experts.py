@@ -68,7 +68,7 @@ class ExpertBank(nn.Module):
         self.ranks: list[int] = []
         self.alphas: list[float] = []
         self._factory = {"device": device, "dtype": dtype}
-        self._cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}
         self._stacks: dict[tuple[int, ...], tuple] = {}  # frozen experts' Stacked, by key
 
     def __len__(self) -> int:
@@ -96,9 +96,9 @@ class ExpertBank(nn.Module):
         self._cache.clear()
         self._stacks.clear()
 
-    def _index_tensors(self, sel: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
-        # segment and scale depend only on which experts are selected: cache them
-        # so the hot path builds no small tensors from Python lists.
+    def _index_tensors(self, sel: tuple[int, ...], device) -> tuple[torch.Tensor, ...]:
+        # segment, scale and per-row scale depend only on which experts are selected:
+        # cache them so the hot path builds no small tensors from Python lists.
         if torch.compiler.is_compiling():  # traced once into the graph: no Python cache
             return self._build_index(sel, device)
         hit = self._cache.get(sel)
@@ -111,14 +111,14 @@ class ExpertBank(nn.Module):
             hit = self._cache[sel] = self._build_index(sel, device)
         return hit
 
-    def _build_index(self, sel: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _build_index(self, sel: tuple[int, ...], device) -> tuple[torch.Tensor, ...]:
         segment = torch.cat(
             [torch.full((self.ranks[i],), j, dtype=torch.long) for j, i in enumerate(sel)]
         ).to(device)
         scale = torch.tensor(
             [self.alphas[i] / self.ranks[i] for i in sel], dtype=self._factory["dtype"]
         ).to(device)
-        return segment, scale
+        return segment, scale, scale[segment]
 
     def stacked(self, select: tuple[int, ...] | None = None) -> Stacked:
         """The selected experts (all by default), concatenated for one fused forward.
@@ -152,11 +152,10 @@ class ExpertBank(nn.Module):
             A, B = params
         else:
             A, B = torch.cat(params[:n], dim=0), torch.cat(params[n:], dim=1)
-        segment, scale = self._index_tensors(sel, A.device)
+        segment, scale, row_scale = self._index_tensors(sel, A.device)
         ranks = {self.ranks[i] for i in sel}
         rank = ranks.pop() if len(ranks) == 1 else None
-        scale = scale.to(A.dtype)
-        return Stacked(A, B, segment, scale, rank, scale[segment])
+        return Stacked(A, B, segment, scale.to(A.dtype), rank, row_scale.to(A.dtype))
 
     def expert_tensors(self, name: str) -> dict[str, torch.Tensor]:
         i = self.index(name)

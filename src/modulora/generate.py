@@ -95,7 +95,7 @@ class _RowStreamer(BaseStreamer):
     """Collects each row's new tokens, and hands each to ``on_token(row, token_id)`` as it is
     decided, until the row ends (its limit, or an end token, which is not kept)."""
 
-    def __init__(self, on_token: Callable[[int, int], None], limits, eos: set[int]) -> None:
+    def __init__(self, on_token: Callable[[int, int], bool | None], limits, eos: set[int]) -> None:
         self.on_token, self.limits, self.eos = on_token, limits, eos
         self.tokens: list[list[int]] = [[] for _ in limits]
         self.count = [0] * len(limits)
@@ -160,7 +160,7 @@ def generate_batch(
     tasks: list[str | None] | None = None,
     max_new_tokens: int | list[int] = 64,
     sampling: Sampling = Sampling(),
-    on_token: Callable[[int, int], None] | None = None,
+    on_token: Callable[[int, int], bool | None] | None = None,
 ) -> list[list[int]]:
     """Generate for every prompt in one batched call; rows may have different tasks.
 
