@@ -50,7 +50,7 @@ def tiny_run(folder: Path, method: str) -> Path:
 
 
 def bodies(loaded: LoadedRun, n: int, max_tokens: int) -> list[dict]:
-    names = loaded.tasks if loaded.needs_task else [*loaded.tasks, loaded.root.name]
+    names = loaded.model_names
     return [
         {
             "model": names[i % len(names)],

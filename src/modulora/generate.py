@@ -44,6 +44,12 @@ class LoadedRun:
         """Task-gated methods cannot answer without a task; token routers route alone."""
         return self.model.method.task_gated
 
+    @property
+    def model_names(self) -> list[str]:
+        """What a request may name: each task, and for token routers the run itself
+        (routing over every expert)."""
+        return self.tasks if self.needs_task else [*self.tasks, self.root.name]
+
 
 def load_run(run_dir: str | Path, overrides=()) -> LoadedRun:
     """Load the base model a run names and the run's final adapter onto it.

@@ -272,7 +272,7 @@ def build_app(loaded: LoadedRun, max_batch: int = 8, batch_window_ms: float = 10
     or a ``TestClient`` used as a context manager); ``app.state.stats`` counts its batches."""
     worker = Worker(loaded, max_batch, batch_window_ms)
     run_name, tasks, tokenizer = loaded.root.name, loaded.tasks, loaded.tokenizer
-    names = tasks if loaded.needs_task else [*tasks, run_name]
+    names = loaded.model_names
     n_ctx = _context_length(loaded)
 
     @asynccontextmanager
@@ -392,6 +392,6 @@ def serve(
     """Load the run in ``run_dir`` and serve it until interrupted (loopback by default)."""
     loaded = load_run(run_dir, overrides)
     app = build_app(loaded, max_batch=max_batch, batch_window_ms=batch_window_ms)
-    names = loaded.tasks if loaded.needs_task else [*loaded.tasks, loaded.root.name]
-    print(f"modulora serve: {loaded.root} ({loaded.run.method}); models: {names}", flush=True)
+    models = loaded.model_names
+    print(f"modulora serve: {loaded.root} ({loaded.run.method}); models: {models}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")
