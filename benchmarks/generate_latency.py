@@ -77,6 +77,26 @@ def time_generate(model, task, prompts, new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
+@torch.no_grad()
+def measure(args, sizes=(1, 8)) -> list[tuple[str, int, float]]:
+    """(configuration, batch, median latency s) over interleaved rounds, by batch size."""
+    configs = configurations(args)
+    vocab = configs["base"][0].config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prompts = {
+        b: [torch.randint(1, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(b)]
+        for b in sizes
+    }
+    for model, task in configs.values():  # warm-up
+        time_generate(model, task, prompts[1], 2)
+    times = {(name, b): [] for b in sizes for name in configs}
+    for _ in range(args.rounds):
+        for b in sizes:
+            for name, (model, task) in configs.items():
+                times[(name, b)].append(time_generate(model, task, prompts[b], args.new_tokens))
+    return [(name, b, statistics.median(t)) for (name, b), t in times.items()]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--hidden", type=int, default=512)
@@ -91,21 +111,7 @@ def main() -> None:
     if args.quick:
         args.hidden, args.layers, args.vocab, args.rounds, args.new_tokens = 64, 2, 256, 2, 8
     torch.set_grad_enabled(False)
-    configs = configurations(args)
-    vocab = configs["base"][0].config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    sizes = (1, 8)
-    prompts = {
-        b: [torch.randint(1, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(b)]
-        for b in sizes
-    }
-    for model, task in configs.values():  # warm-up
-        time_generate(model, task, prompts[1], 2)
-    times = {(name, b): [] for name in configs for b in sizes}
-    for _ in range(args.rounds):
-        for b in sizes:
-            for name, (model, task) in configs.items():
-                times[(name, b)].append(time_generate(model, task, prompts[b], args.new_tokens))
+    timed = measure(args)
     model_name = "SmolLM2-135M" if args.embedded else f"random Llama h{args.hidden} x{args.layers}"
     print(
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
@@ -114,12 +120,9 @@ def main() -> None:
     )
     print("| configuration | batch | latency (s) | tokens/s | vs base |")
     print("|---|---:|---:|---:|---:|")
-    for b in sizes:
-        base = statistics.median(times[("base", b)])
-        for name in configs:
-            t = statistics.median(times[(name, b)])
-            rate = b * args.new_tokens / t
-            print(f"| {name} | {b} | {t:.3f} | {rate:.1f} | {t / base:.3f}x |")
+    base = {b: t for name, b, t in timed if name == "base"}
+    for name, b, t in timed:
+        print(f"| {name} | {b} | {t:.3f} | {b * args.new_tokens / t:.1f} | {t / base[b]:.3f}x |")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -97,83 +95,25 @@ def scaling_configs(args) -> dict:
     return {f"molora {e} x r8": _ours(args, "molora", rank=8, num_experts=e) for e in SCALING}
 
 
-def _child(args, name: str) -> None:
-    """Build one configuration, train two steps, print the peak RSS (MiB)."""
-    configs = {**training_configs(args), **scaling_configs(args)}
-    model, extra = configs[name]()
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    train_step.step_time(model, opt, {**_batch(args), **extra}, 2)
-    print(train_step.peak_rss_of_this_process())
-
-
-def _peak_rss(args, name: str) -> float:
-    argv = [sys.executable, __file__, *sys.argv[1:], "--child", name]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    return float(out.strip().splitlines()[-1])
-
-
 def _batch(args) -> dict:
-    ids = torch.randint(
-        0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)
-    )
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
     return {"input_ids": ids, "labels": ids}
 
 
 def measure_training(args, configs: dict, rss: bool) -> dict:
-    """Interleaved medians: name -> {tokens_s, train_mib, rss_mib}."""
-    batch = _batch(args)
-    runs = {}
-    for name, factory in configs.items():
-        model, extra = factory()
-        model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        step = {**batch, **extra}
-        runs[name] = {
-            "model": model,
-            "opt": opt,
-            "batch": step,
-            "train_mib": train_step.memory_bytes(model, step) / 2**20,
-            "rss_mib": _peak_rss(args, name) if rss else None,
-            "times": [],
-        }
-        train_step.step_time(model, opt, step, 1)  # warm-up
-    for _ in range(args.rounds):
-        for run in runs.values():
-            run["times"].append(train_step.step_time(run["model"], run["opt"], run["batch"], 1))
-    tokens = args.batch * args.seq
-    return {
-        name: {
-            "tokens_s": tokens / statistics.median(run["times"]),
-            "train_mib": run["train_mib"],
-            "rss_mib": run["rss_mib"],
-        }
-        for name, run in runs.items()
-    }
+    """name -> {tokens_s, train_mib, rss_mib}: ``train_step.measure`` on these configs."""
+    peak = (lambda name: train_step.peak_rss_mib(__file__, sys.argv[1:], name)) if rss else None
+    return train_step.measure(configs, _batch(args), args.rounds, 1, peak)
 
 
 def measure_generation(args) -> list[tuple[str, int, float]]:
     """(configuration, batch, median latency s) from benchmarks/generate_latency.py."""
     gen_args = argparse.Namespace(
         hidden=args.hidden, layers=args.layers, vocab=args.vocab, prompt_len=64,
-        new_tokens=args.new_tokens, embedded=False,
+        new_tokens=args.new_tokens, rounds=args.rounds, embedded=False,
     )  # fmt: skip
-    with torch.no_grad():
-        configs = generate_latency.configurations(gen_args)
-        g = torch.Generator().manual_seed(0)
-        prompts = {
-            b: [torch.randint(1, args.vocab, (64,), generator=g).tolist() for _ in range(b)]
-            for b in (1, 8)
-        }
-        for model, task in configs.values():
-            generate_latency.time_generate(model, task, prompts[1], 2)  # warm-up
-        times = {(n, b): [] for n in configs for b in prompts}
-        for _ in range(args.rounds):
-            for b in prompts:
-                for name, (model, task) in configs.items():
-                    t = generate_latency.time_generate(model, task, prompts[b], args.new_tokens)
-                    times[(name, b)].append(t)
-    return [(n, b, statistics.median(t)) for (n, b), t in times.items()]
+    return generate_latency.measure(gen_args)
 
 
 def machine() -> str:
@@ -202,7 +142,8 @@ def main() -> None:
         args.hidden, args.layers, args.vocab, args.batch, args.seq = 64, 2, 256, 2, 16
         args.rounds, args.new_tokens = 2, 4
     if args.child:
-        return _child(args, args.child)
+        configs = {**training_configs(args), **scaling_configs(args)}
+        return train_step.child(configs[args.child], _batch(args))
     from results import write_results  # the Markdown and the plot
 
     print(f"# {machine()}", flush=True)

@@ -107,19 +107,56 @@ def step_time(model, opt, batch, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def peak_rss_mib(name: str, argv: list[str]) -> float:
-    """Peak RSS of a child process that trains ``name`` for two steps."""
-    cmd = [sys.executable, __file__, *argv, "--child", name]
+def peak_rss_mib(script: str, argv: list[str], name: str) -> float:
+    """Peak RSS of a fresh process running ``script --child name`` (see ``child``)."""
+    cmd = [sys.executable, script, *argv, "--child", name]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
 
 
-def child(name: str, args, batch) -> None:
-    model, extra = configurations(args)[name]()
+def child(factory, batch) -> None:
+    """Build one configuration, train two steps, print this process's peak RSS (MiB)."""
+    model, extra = factory()
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     step_time(model, opt, {**batch, **extra}, 2)
     print(peak_rss_of_this_process())
+
+
+def measure(configs: dict, batch: dict, rounds: int, steps: int = 1, rss=None) -> dict:
+    """Interleaved medians: name -> {tokens_s, train_mib, rss_mib}.
+
+    ``configs`` maps names to factories returning (model, extra forward kwargs); each
+    round times every configuration once, so a noisy machine slows all alike.
+    ``rss(name)`` gives a configuration's peak RSS (None: not measured).
+    """
+    runs = {}
+    for name, factory in configs.items():
+        model, extra = factory()
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        step = {**batch, **extra}
+        runs[name] = {
+            "model": model,
+            "opt": opt,
+            "batch": step,
+            "train_mib": memory_bytes(model, step) / 2**20,
+            "rss_mib": rss(name) if rss else None,
+            "times": [],
+        }
+        step_time(model, opt, step, 1)  # warm-up
+    for _ in range(rounds):
+        for run in runs.values():
+            run["times"].append(step_time(run["model"], run["opt"], run["batch"], steps))
+    tokens = batch["input_ids"].numel()
+    return {
+        name: {
+            "tokens_s": tokens / statistics.median(run["times"]),
+            "train_mib": run["train_mib"],
+            "rss_mib": run["rss_mib"],
+        }
+        for name, run in runs.items()
+    }
 
 
 def peak_rss_of_this_process() -> float:
@@ -151,29 +188,14 @@ def main() -> None:
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
     batch = {"input_ids": ids, "labels": ids}
     if args.child:
-        return child(args.child, args, batch)
-    tokens = args.batch * args.seq
-    runs = {}
-    for name, factory in configurations(args).items():
-        model, extra = factory()
-        model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        mem = memory_bytes(model, {**batch, **extra})
-        step_time(model, opt, {**batch, **extra}, 1)  # warm-up
-        rss = peak_rss_mib(name, argv)
-        runs[name] = {
-            "model": model,
-            "opt": opt,
-            "extra": extra,
-            "mem": mem,
-            "rss": rss,
-            "times": [],
-        }
-    for _ in range(args.rounds):  # interleaved: each round times every configuration
-        for run in runs.values():
-            run["times"].append(
-                step_time(run["model"], run["opt"], {**batch, **run["extra"]}, args.steps)
-            )
+        return child(configurations(args)[args.child], batch)
+    runs = measure(
+        configurations(args),
+        batch,
+        args.rounds,
+        args.steps,
+        lambda n: peak_rss_mib(__file__, argv, n),
+    )
 
     print(
         f"# train step: Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
@@ -183,20 +205,17 @@ def main() -> None:
         f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps, medians\n"
     )
-    base_tps = tokens / statistics.median(runs["PEFT LoRA r8"]["times"])
-    base_mem = runs["PEFT LoRA r8"]["mem"]
-    base_rss = runs["PEFT LoRA r8"]["rss"]
+    base = runs["PEFT LoRA r8"]
     print(
         f"| {'configuration':<40} | tokens/s | vs PEFT | peak RSS MiB | vs PEFT "
         "| training MiB | vs PEFT |"
     )
     print(f"|{'-' * 42}|---------:|--------:|-------------:|--------:|-------------:|--------:|")
     for name, run in runs.items():
-        tps = tokens / statistics.median(run["times"])
         print(
-            f"| {name:<40} | {tps:8.1f} | {tps / base_tps:6.2f}x "
-            f"| {run['rss']:12.1f} | {run['rss'] / base_rss:6.2f}x "
-            f"| {run['mem'] / 2**20:12.1f} | {run['mem'] / base_mem:6.2f}x |"
+            f"| {name:<40} | {run['tokens_s']:8.1f} | {run['tokens_s'] / base['tokens_s']:6.2f}x "
+            f"| {run['rss_mib']:12.1f} | {run['rss_mib'] / base['rss_mib']:6.2f}x "
+            f"| {run['train_mib']:12.1f} | {run['train_mib'] / base['train_mib']:6.2f}x |"
         )
 
 
