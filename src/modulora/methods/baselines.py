@@ -100,8 +100,7 @@ def _token_routed_stage(layout):
             return StagePlan(name, train_router=True)
         task = domain_task(cfg, name)
         if task is not None and task in cfg.added_tasks:
-            first_added = cfg.num_experts - len(cfg.added_tasks)
-            expert = f"expert:{first_added + cfg.added_tasks.index(task)}"
+            expert = next(e.name for e in layout(cfg).experts if e.task == task)
             return StagePlan(name, train=frozenset({expert}), fixed={expert: 1.0}, task=task)
         if name == "joint":
             return joint(cfg, name)
