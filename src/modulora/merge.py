@@ -129,7 +129,7 @@ def lowrank_update(
             ],
             dim=1,
         )  # (d_out, R)
-        out[name] = (A.detach().clone(), B.detach().clone())
+        out[name] = (A, B)  # torch.cat made fresh tensors: the experts are not shared
     return out
 
 
