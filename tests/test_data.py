@@ -12,7 +12,6 @@ import torch
 
 from modulora.data import (
     IGNORE,
-    PLAIN_TEMPLATE,
     DataError,
     Example,
     Record,
@@ -232,17 +231,56 @@ def test_plain_template_labels_response_and_eos(plain_tok):
     ids, labels = format_record(PROMPT, plain_tok)
     assert labelled(plain_tok, ids, labels) == "lazy dog<eos>"
     assert ids[-1] == plain_tok.eos_token_id and labels[-1] == plain_tok.eos_token_id
-    prompt_text = PLAIN_TEMPLATE["prompt"].format(prompt="the quick fox")
-    assert plain_tok.decode(ids) == prompt_text + "lazy dog<eos>"
-    assert "### Prompt:\nthe quick fox\n\n### Response:\n" in plain_tok.decode(ids)
+    assert plain_tok.decode(ids) == "### Prompt:\nthe quick fox\n\n### Response:\nlazy dog<eos>"
 
 
 def test_plain_template_messages(plain_tok):
     ids, labels = format_record(CHAT, plain_tok)
     assert labelled(plain_tok, ids, labels) == "def<eos>jkl<eos>"
-    text = plain_tok.decode(ids)
-    assert text.startswith("### System:\nbe brief\n\n### User:\nabc\n\n### Assistant:\ndef<eos>")
-    assert "### User:\nghi\n\n### Assistant:\njkl<eos>" in text
+    assert plain_tok.decode(ids) == (
+        "### System:\nbe brief\n\n### Prompt:\nabc\n\n### Response:\ndef<eos>\n\n"
+        "### Prompt:\nghi\n\n### Response:\njkl<eos>"
+    )
+
+
+def test_prompt_is_the_whole_conversation_up_to_the_last_answer(chat_tok, plain_tok):
+    from modulora.data import prompt_ids
+    from modulora.generate import chat_prompt_ids
+
+    # expected strings written by hand from the two templates
+    chat_prompt = (
+        "<|system|>be brief<|end|>\n<|user|>abc<|end|>\n<|assistant|>def<|end|>\n"
+        "<|user|>ghi<|end|>\n<|assistant|>"
+    )
+    plain_prompt = (
+        "### System:\nbe brief\n\n### Prompt:\nabc\n\n### Response:\ndef<eos>\n\n"
+        "### Prompt:\nghi\n\n### Response:\n"
+    )
+    asked = [m for m in CHAT.messages[:-1]]  # the conversation a client sends
+    for tok, text in ((chat_tok, chat_prompt), (plain_tok, plain_prompt)):
+        assert tok.decode(prompt_ids(CHAT, tok)) == text
+        assert tok.decode(chat_prompt_ids(tok, asked)) == text
+        assert prompt_ids(CHAT, tok) == tok(text, add_special_tokens=False)["input_ids"]
+    assert CHAT.answer == "jkl" and CHAT.question == "ghi"
+    assert PROMPT.answer == "lazy dog" and PROMPT.question == "the quick fox"
+
+
+def test_one_prompt_builder_for_training_and_serving(plain_tok):
+    """A model without a chat template: generate/serve send what training showed."""
+    from modulora.data import prompt_ids
+    from modulora.generate import chat_prompt_ids
+
+    expected = "### Prompt:\nthe quick fox\n\n### Response:\n"
+    served = chat_prompt_ids(plain_tok, [{"role": "user", "content": "the quick fox"}], "")
+    assert plain_tok.decode(served) == expected
+    assert plain_tok.decode(prompt_ids(PROMPT, plain_tok)) == expected
+    ids, labels = format_record(PROMPT, plain_tok)
+    assert ids[: len(served)] == served and all(lab == IGNORE for lab in labels[: len(served)])
+    with_system = chat_prompt_ids(plain_tok, [{"role": "user", "content": "x"}], "Be brief.")
+    assert (
+        plain_tok.decode(with_system)
+        == "### System:\nBe brief.\n\n### Prompt:\nx\n\n### Response:\n"
+    )
 
 
 @pytest.mark.parametrize("chat", [True, False])

@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import batch, method_config, randomize_adapters, tiny_model
 from peft import PeftModel
-from tiny import model_dir, write_run
+from tiny import chat_prompt, model_dir, write_run
 from transformers import AutoModelForCausalLM
 
 import modulora
 from modulora.cli import main
-from modulora.generate import Sampling, chat_prompt_ids, generate_batch, load_run
+from modulora.generate import Sampling, generate_batch, load_run
 from modulora.merge import NotMergeableError, export_peft, lowrank_update
 
 TASK_GATED = ["lora", "multi-lora", "cgc-lora", "moelora"]
@@ -221,7 +221,7 @@ def cgc_run(tmp_path_factory):
 
 def test_cli_export_peft_and_merged_load_and_match(cgc_run, tmp_path, capsys):
     loaded = load_run(cgc_run)
-    prompt = chat_prompt_ids(loaded.tokenizer, [{"role": "user", "content": "upper: abc"}])
+    prompt = chat_prompt(loaded.tokenizer, [{"role": "user", "content": "upper: abc"}])
     ids = torch.tensor([prompt])
     want = _logits(loaded.model, ids, None, task="upper")
     assert main(["export", str(cgc_run), "--task", "upper", "--out", str(tmp_path / "p")]) == 0
@@ -242,7 +242,7 @@ def test_cli_export_peft_and_merged_load_and_match(cgc_run, tmp_path, capsys):
 
 def test_cli_generate_answers_with_the_run(cgc_run, capsys):
     loaded = load_run(cgc_run)
-    prompt = chat_prompt_ids(loaded.tokenizer, [{"role": "user", "content": "reverse: abc"}])
+    prompt = chat_prompt(loaded.tokenizer, [{"role": "user", "content": "reverse: abc"}])
     want = generate_batch(loaded.model, loaded.tokenizer, [prompt], ["reverse"], 6)[0]
     text = loaded.tokenizer.decode(want, skip_special_tokens=True).strip()
     args = ["generate", str(cgc_run), "--task", "reverse", "--prompt", "reverse: abc"]

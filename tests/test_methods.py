@@ -242,8 +242,9 @@ def test_fused_equals_reference_with_added_task_masks(method, top_k):
 @pytest.mark.parametrize("method", ["modula-res", "modula-flan", "molora", "loramoe"])
 def test_token_routed_old_tasks_are_bit_identical_after_add_task(method):
     """A row that names an old task routes over the experts that existed when it was
-    trained; the new expert and its router row are not even computed for it."""
-    model = modulora.attach(tiny_model("llama"), method_config(method))
+    trained; the new expert and its router row are not even computed for it. (fp64: a
+    mixed batch computes one more expert, and fp32 sums of other widths differ by ~1e-5.)"""
+    model = modulora.attach(tiny_model("llama").double(), method_config(method)).double()
     randomize_adapters(model)
     model.set_stage("inference")
     ids, mask = batch()
@@ -256,15 +257,17 @@ def test_token_routed_old_tasks_are_bit_identical_after_add_task(method):
     with torch.no_grad():  # the new expert and new router rows as if trained
         for layer in model.layers.values():
             layer.modulora_experts.B[-1].copy_(
-                torch.randn(layer.modulora_experts.B[-1].shape, generator=g)
+                torch.randn(layer.modulora_experts.B[-1].shape, generator=g, dtype=torch.float64)
             )
-            layer.modulora_router.weight[-1].copy_(torch.randn(layer.d_in, generator=g))
+            layer.modulora_router.weight[-1].copy_(
+                torch.randn(layer.d_in, generator=g, dtype=torch.float64)
+            )
         after = model(input_ids=ids, attention_mask=mask, task=list(TASKS)).logits
         unnamed = model(input_ids=ids, attention_mask=mask).logits
         new = model(input_ids=ids, attention_mask=mask, task=["finance", "math", "med"]).logits
     assert torch.equal(after, named)
     assert not torch.allclose(unnamed, plain)  # without a task, every expert is routed
-    torch.testing.assert_close(new[1:], named[1:], atol=1e-6, rtol=1e-6)  # mixed batch
+    torch.testing.assert_close(new[1:], named[1:], atol=1e-12, rtol=1e-12)  # mixed batch
     assert not torch.allclose(new[0], named[0])
 
 

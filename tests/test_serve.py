@@ -15,12 +15,12 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from tiny import model_dir, tokenizer, write_run
+from tiny import chat_prompt, model_dir, tokenizer, write_run
 
 from modulora import batching
 from modulora import serve as serve_module
 from modulora.cli import main
-from modulora.generate import chat_prompt_ids, generate_batch, load_run
+from modulora.generate import generate_batch, load_run
 from modulora.serve import build_app, running, serve
 
 FAST = {"lr": 1e-2, "max_steps": 2, "max_length": 40}
@@ -73,7 +73,8 @@ def _direct(loaded, prompt_ids, task, max_tokens):
 
 
 def _chat_ids(loaded, body, task):
-    return chat_prompt_ids(loaded.tokenizer, body["messages"], loaded.run.data.system_prompt, task)
+    assert loaded.run.data.system_prompt is None  # the tiny template has no default system turn
+    return chat_prompt(loaded.tokenizer, body["messages"])
 
 
 def _error(response, status, code=None, param=None):
@@ -198,6 +199,25 @@ def test_chat_gated_and_routed(gated, routed):
     for name in ["run", "reverse"]:  # token routers route by token, whatever the name
         body = client.post("/v1/chat/completions", json={**CHAT, "model": name}).json()
         assert body["choices"][0]["message"]["content"] == text and body["model"] == name
+
+
+def test_multi_turn_chat_answers_the_last_question(gated):
+    loaded, _, client = gated
+    history = [
+        {"role": "user", "content": "reverse: abc"},
+        {"role": "assistant", "content": "cba"},
+    ]
+    prompts = []
+    for last in ("upper: xy", "reverse: hgfe"):
+        messages = [*history, {"role": "user", "content": last}]
+        body = {"model": "upper", "messages": messages, "max_tokens": 8}
+        answer = client.post("/v1/chat/completions", json=body).json()
+        expected = chat_prompt(loaded.tokenizer, messages)  # the whole conversation
+        assert answer["usage"]["prompt_tokens"] == len(expected)
+        text, _ = _direct(loaded, expected, "upper", 8)
+        assert answer["choices"][0]["message"]["content"] == text
+        prompts.append(answer["usage"]["prompt_tokens"])
+    assert prompts[0] != prompts[1]
 
 
 @pytest.mark.parametrize("server", ["gated", "routed"])

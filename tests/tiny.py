@@ -24,6 +24,13 @@ CORPUS = [
 ]
 
 
+def chat_prompt(tok, messages: list[dict]) -> list[int]:
+    """Token ids of ``messages`` plus the generation prompt, rendered by hand from
+    ``CHAT_TEMPLATE`` (not with modulora's prompt builder, which tests check against it)."""
+    text = "".join(f"<|{m['role']}|>{m['content']}<|end|>\n" for m in messages) + "<|assistant|>"
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
 def tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -1,12 +1,18 @@
 r"""Task records -> tokenized, prompt-masked examples -> packed, mixed, collated batches.
 
-The loss (labels != -100) covers only what the model should learn to write. With a chat
-template: each assistant turn as rendered, with the template's end-of-turn marker. Without
-one, ``PLAIN_TEMPLATE``: ``"### Prompt:\n{prompt}\n\n### Response:\n"`` (masked), then
-the response and eos (labelled, so the model learns to stop); messages as
-``"### {Role}:\n{content}\n\n"`` per turn, assistant content + eos labelled. Text records
-are labelled everywhere, plus eos. Packing does not block attention between the examples
-of a row, like TRL's ``packing=True``. Reading files is ``records.py``.
+One prompt builder serves training, evaluation, ``generate`` and ``serve``: a
+prompt/response record is the conversation ``[user: prompt, assistant: response]``,
+and every conversation is rendered the same way. The loss (labels != -100) covers
+only what the model should learn to write. With a chat template: each assistant turn
+as rendered, with the template's end-of-turn marker. Without one, ``PLAIN_TEMPLATE``:
+each turn is ``"### {header}:\n{content}"`` with the headers ``System``, ``Prompt``
+(user) and ``Response`` (assistant), turns separated by a blank line; assistant
+content and eos are labelled, so a one-turn record reads
+``"### Prompt:\n{prompt}\n\n### Response:\n{response}<eos>"``. Text records are
+labelled everywhere, plus eos. The prompt of a record (what the model sees before it
+answers) is the whole conversation up to its last assistant turn. Packing does not
+block attention between the examples of a row, like TRL's ``packing=True``. Reading
+files is ``records.py``.
 """
 
 from __future__ import annotations
@@ -37,9 +43,8 @@ __all__ = [
 
 IGNORE = -100  # label of tokens without loss (PyTorch cross-entropy's ignore_index)
 PLAIN_TEMPLATE = {
-    "prompt": "### Prompt:\n{prompt}\n\n### Response:\n",  # masked
-    "response": "{response}",  # labelled, followed by eos
-    "turn_header": "### {role}:\n",  # role capitalised; masked
+    "headers": {"system": "System", "user": "Prompt", "assistant": "Response"},
+    "turn_header": "### {header}:\n",  # masked
     "turn_end": "\n\n",  # after each turn's content; masked
 }
 
@@ -83,10 +88,20 @@ def format_record(record: Record, tokenizer) -> tuple[list[int], list[int]]:
 
 
 def prompt_ids(record: Record, tokenizer) -> list[int]:
-    """The tokens before the first answer token: the prompt exactly as in training."""
-    ids, labels = format_record(record, tokenizer)
-    first = next((i for i, label in enumerate(labels) if label != IGNORE), len(ids))
-    return ids[:first]
+    """What the model reads before it writes the record's answer, exactly as in training.
+
+    The answer is the last assistant turn (a prompt/response record's response); the
+    prompt is everything before it: every earlier turn, answers included, and the
+    generation prompt of the last turn. Text records have no prompt (``[]``).
+    """
+    if record.kind == "text":
+        return []
+    segments = _segments(record, tokenizer)
+    # the last assistant turn's content is the last labelled text (eos is an id)
+    answer = max(
+        i for i, (piece, labelled) in enumerate(segments) if labelled and isinstance(piece, str)
+    )
+    return _encode([segments[:answer]], tokenizer)[0][0]
 
 
 def tokenize(
@@ -131,29 +146,20 @@ def _segments(record: Record, tokenizer) -> list[Segment]:
     eos = [] if tokenizer.eos_token_id is None else [(tokenizer.eos_token_id, True)]
     if record.kind == "text":
         return [(record.text, True), *eos]
-    messages = list(record.messages)
-    if record.kind == "prompt":
-        messages = [{"role": "user", "content": record.prompt}]
-        messages.append({"role": "assistant", "content": record.response})
+    messages = list(record.conversation())
     chat = bool(getattr(tokenizer, "chat_template", None))
     if record.system is not None and messages[0]["role"] != "system" and (chat or record.system):
         messages.insert(0, {"role": "system", "content": record.system})
     if chat:
         return _chat_segments(messages, tokenizer, record.where)
-    if record.kind == "messages" or record.system:
-        return _plain_turns(messages, eos)
-    prompt = PLAIN_TEMPLATE["prompt"].format(prompt=record.prompt)
-    return [
-        (prompt, False),
-        (PLAIN_TEMPLATE["response"].format(response=record.response), True),
-        *eos,
-    ]
+    return _plain_turns(messages, eos)
 
 
 def _plain_turns(messages: list[dict], eos: list[Segment]) -> list[Segment]:
     out: list[Segment] = []
     for i, m in enumerate(messages):
-        out.append((PLAIN_TEMPLATE["turn_header"].format(role=m["role"].capitalize()), False))
+        header = PLAIN_TEMPLATE["headers"][m["role"]]
+        out.append((PLAIN_TEMPLATE["turn_header"].format(header=header), False))
         last = i == len(messages) - 1
         end = [] if last else [(PLAIN_TEMPLATE["turn_end"], False)]
         if m["role"] == "assistant":

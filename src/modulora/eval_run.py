@@ -47,10 +47,10 @@ def score_tasks(model, tokenizer, run: RunConfig, test: dict[str, list[Record]],
         preds = generate_answers(
             model, tokenizer, records, cfg.max_new_tokens, cfg.batch_size, desc=task
         )
-        refs = [r.response for r in records]
+        refs = [r.answer for r in records]
         td = run.tasks[task]
         samples = [
-            {"prompt": r.prompt, "prediction": p, "reference": r.response}
+            {"prompt": r.question, "prediction": p, "reference": r.answer}
             for r, p in list(zip(records, preds, strict=True))[:5]
         ]
         out[task] = {

@@ -42,6 +42,31 @@ class Record:
     where: str = ""  # "path:line", for error messages
     system: str | None = None  # system turn put before the prompt (None: the template's own)
 
+    def conversation(self) -> tuple[dict, ...]:
+        """The record as chat turns: a prompt/response record is one user turn and its answer."""
+        if self.kind == "prompt":
+            return (
+                {"role": "user", "content": self.prompt},
+                {"role": "assistant", "content": self.response},
+            )
+        return self.messages
+
+    @property
+    def answer(self) -> str:
+        """The reference answer: the response, or the last assistant turn of a conversation."""
+        if self.kind == "text":
+            return self.text
+        return next(m["content"] for m in reversed(self.conversation()) if m["role"] == "assistant")
+
+    @property
+    def question(self) -> str:
+        """What the answer replies to: the prompt, or the last user turn before the answer."""
+        turns = self.conversation()
+        if not turns:
+            return ""
+        last = max(i for i, m in enumerate(turns) if m["role"] == "assistant")
+        return next((m["content"] for m in reversed(turns[:last]) if m["role"] == "user"), "")
+
 
 def read_records(
     path: str | Path, task: str | None = None, known_tasks: Collection[str] | None = None
