@@ -21,11 +21,11 @@ VOCAB = 97
 TASKS = ["math", "med", "code"]
 
 
-def _config(family: str, hidden: int = 32):
+def _config(family: str, hidden: int = 32, vocab: int = VOCAB):
     if family == "gpt2":
-        return GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=2, n_head=4, n_positions=64)
+        return GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=2, n_head=4, n_positions=64)
     decoder = {
-        "vocab_size": VOCAB,
+        "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": 48,
         "num_hidden_layers": 2,
@@ -40,9 +40,9 @@ def _config(family: str, hidden: int = 32):
 FAMILIES = ["llama", "qwen2", "gpt2", "gemma3"]
 
 
-def tiny_model(family: str = "llama", seed: int = 0, hidden: int = 32):
+def tiny_model(family: str = "llama", seed: int = 0, hidden: int = 32, vocab: int = VOCAB):
     torch.manual_seed(seed)
-    cfg = _config(family, hidden)
+    cfg = _config(family, hidden, vocab)
     # Gemma3's auto class maps to the multimodal model; take the text-only class
     model = Gemma3ForCausalLM(cfg) if family == "gemma3" else AutoModelForCausalLM.from_config(cfg)
     # GPT-2 and others use dropout; evaluation mode keeps forward passes deterministic

@@ -142,7 +142,7 @@ def _eval(args) -> None:
 
 
 def _compare(args) -> None:
-    from .report import compare_runs
+    from .compare import compare_runs
 
     table, path = compare_runs(args.run_dirs, args.out)
     print(table)

@@ -18,13 +18,30 @@ from accelerate.utils import set_seed
 
 from .checkpoint import load, load_weights, read_manifest
 from .config import MixtureConfig
-from .evaluate import generate_answers, mmlu_accuracy, perplexity, router_health, score
+from .evaluate import (
+    generate_answers,
+    likelihood_answers,
+    mmlu_accuracy,
+    perplexity,
+    router_health,
+)
+from .metrics import aggregate, bootstrap_ci, example_stats, task_seed
 from .model import MixtureModel, attach
 from .models import load_base
 from .plan import source_records, stage_label
 from .records import Record
 from .run_config import ConfigError, EvalConfig, RunConfig, load_run_config
 from .runs import RunFolder, write_json
+
+
+def routes_by_token_with_mask(model) -> bool:
+    """Token-routed after add-task: named old tasks skip the new experts, so scores
+    with and without task names differ."""
+    return (
+        isinstance(model, MixtureModel)
+        and not model.method.task_gated
+        and bool(model.mixture_config.added_tasks)
+    )
 
 
 def _jsonl(path: str, limit: int) -> list[dict]:
@@ -40,25 +57,49 @@ def probe_task(model) -> str | None:
     return None
 
 
-def score_tasks(model, tokenizer, run: RunConfig, test: dict[str, list[Record]], cfg) -> dict:
-    """Each task's score on ``test`` and a few (prompt, prediction, reference) samples."""
+def score_answers(
+    metric: str, predictions: list[str], references: list[str], labels, task: str
+) -> dict:
+    """Score, 95% bootstrap interval (seeded by task) and the per-example statistics
+    (which ``compare`` resamples for paired tests)."""
+    stats = example_stats(metric, predictions, references, labels)
+    low, high = bootstrap_ci(metric, stats, task_seed(task))
+    return {"score": aggregate(metric, stats), "ci": [low, high], "stats": stats.tolist()}
+
+
+def score_tasks(
+    model,
+    tokenizer,
+    run: RunConfig,
+    test: dict[str, list[Record]],
+    cfg: EvalConfig,
+    task_free: bool = False,
+    likelihood: bool = True,
+) -> dict:
+    """Each task's score on ``test`` with its interval, and a few samples.
+
+    Classification tasks are also scored by likelihood (the label the model finds most
+    likely after the prompt) unless ``likelihood`` is off. ``task_free`` routes every
+    row by the model's own routing, naming no task (token-routed methods only).
+    """
     out = {}
     for task, records in test.items():
+        td = run.tasks[task]
         preds = generate_answers(
-            model, tokenizer, records, cfg.max_new_tokens, cfg.batch_size, desc=task
+            model, tokenizer, records, cfg.max_new_tokens, cfg.batch_size, task, task_free
         )
         refs = [r.answer for r in records]
-        td = run.tasks[task]
-        samples = [
+        out[task] = {"metric": td.metric, "n": len(records)}
+        out[task] |= score_answers(td.metric, preds, refs, td.labels, task)
+        if likelihood and cfg.likelihood and td.metric == "classification":
+            chosen = likelihood_answers(
+                model, tokenizer, records, td.labels, cfg.batch_size, task, task_free
+            )
+            out[task]["likelihood"] = score_answers(td.metric, chosen, refs, td.labels, task)
+        out[task]["samples"] = [
             {"prompt": r.question, "prediction": p, "reference": r.answer}
             for r, p in list(zip(records, preds, strict=True))[:5]
         ]
-        out[task] = {
-            "metric": td.metric,
-            "score": score(td.metric, preds, refs, td.labels),
-            "n": len(records),
-            "samples": samples,
-        }
     return out
 
 
@@ -75,7 +116,9 @@ def score_probes(model, tokenizer, cfg: EvalConfig, max_length: int) -> dict:
 
 
 def model_after(folder: RunFolder, keys: list[str], base, seed: int) -> MixtureModel:
-    """The adapter as it was after the last stage in ``keys`` (all stages up to it, in order)."""
+    """The adapter as it was after the last stage in ``keys`` (all stages up to it, in
+    order), computing as that stage did: a MoDULA domain stage runs its expert at weight 1,
+    as it was trained, not through a router that was not trained yet."""
     last = folder.stage_dir(stage_label(keys[-1])) / "adapter"
     cfg = MixtureConfig.from_dict(read_manifest(last)["config"])
     set_seed(seed)  # untrained experts start as at attach time (B = 0: no-ops)
@@ -84,12 +127,19 @@ def model_after(folder: RunFolder, keys: list[str], base, seed: int) -> MixtureM
         snap = folder.stage_dir(stage_label(key)) / "adapter"
         # routers grow with add-task: only the last stage's router fits this model
         load_weights(model, snap, partial=True, router=snap == last)
-    model.set_stage("inference")
+    model.set_stage(keys[-1].split("@")[0])
+    model.eval()
     return model
 
 
 def forgetting_matrix(folder, run, base, tokenizer, test, cfg) -> dict | None:
-    """Scores of every task after every stage, and backward transfer."""
+    """Scores of every task after every stage, and backward transfer.
+
+    Row k is the model after stage k computing as stage k does. A stage that serves one
+    task (a domain stage) scores that task only; the others are not defined there.
+    Backward transfer (BWT) is the mean over tasks of (final score - the task's score
+    right after the stage that trained it); below 0 means later stages lost some of it.
+    """
     keys = folder.state()["stages_done"]
     if len(keys) < 2 or not all(
         (folder.stage_dir(stage_label(k)) / "adapter" / "manifest.json").is_file() for k in keys
@@ -99,8 +149,11 @@ def forgetting_matrix(folder, run, base, tokenizer, test, cfg) -> dict | None:
     rows = []
     for k in range(len(keys)):
         model = model_after(folder, keys[: k + 1], base, run.train.seed)
-        known = {t: r for t, r in small.items() if t in model.mixture_config.tasks}
-        scored = score_tasks(model, tokenizer, run, known, cfg)
+        only = model.stage_plan(model.stage).task
+        known = {
+            t: r for t, r in small.items() if t in model.mixture_config.tasks and only in (None, t)
+        }
+        scored = score_tasks(model, tokenizer, run, known, cfg, likelihood=False)
         rows.append({t: scored[t]["score"] if t in scored else None for t in small})
         model.detach()
     trained_at = {}
@@ -112,7 +165,14 @@ def forgetting_matrix(folder, run, base, tokenizer, test, cfg) -> dict | None:
                 trained_at[t] = k
     deltas = {t: rows[-1][t] - rows[k][t] for t, k in trained_at.items() if k < len(keys) - 1}
     bwt = sum(deltas.values()) / len(deltas) if deltas else None
-    return {"stages": keys, "tasks": list(small), "scores": rows, "change": deltas, "bwt": bwt}
+    return {
+        "stages": keys,
+        "tasks": list(small),
+        "scores": rows,
+        "trained_at": {t: keys[k] for t, k in trained_at.items()},
+        "change": deltas,
+        "bwt": bwt,
+    }
 
 
 def evaluate_run(
@@ -151,6 +211,9 @@ def evaluate_run(
             results["base"].update(score_probes(base, tokenizer, cfg, run.train.max_length))
     model = load(base, folder.root)
     results["model"] = {"tasks": score_tasks(model, tokenizer, run, test, cfg)}
+    if routes_by_token_with_mask(model):
+        # a request naming the run routes like the paper's model: no task id
+        results["model"]["task_free"] = score_tasks(model, tokenizer, run, test, cfg, True)
     if probes:
         results["model"].update(score_probes(model, tokenizer, cfg, run.train.max_length))
     every = [r for records in test.values() for r in records[: cfg.forgetting_examples]]

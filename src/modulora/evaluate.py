@@ -1,47 +1,51 @@
 """Scoring a model: task answers, the general-ability probe, router health.
 
-Works on a ``MixtureModel`` (routed by task or by token) and on a plain Hugging
+Works on a ``MixtureModel`` (routed by task, or by token) and on a plain Hugging
 Face model (the base), with the same prompts the trainer used (``data.py``):
 answers are generated greedily in left-padded batches and compared with the
-reference by the task's metric; MMLU is scored by the log-likelihood of the
-answer letter; perplexity is measured on held-out text.
+reference by the task's metric (``metrics.py``); classification labels and MMLU
+letters are also chosen by log-likelihood (``likelihood.py``); perplexity is
+measured on held-out text. Every padded batch passes position ids that follow the
+attention mask, so no answer depends on the batch it ran in.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-import re
 from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from sacrebleu.metrics import CHRF
 from torch import nn
 from tqdm.auto import tqdm
 
 from .data import IGNORE, Record, format_record, prompt_ids
 from .gates import TokenRouter
-from .generate import generate_batch, left_pad
+from .generate import generate_batch, left_pad, position_ids
+from .likelihood import score_continuations, task_kw
+from .metrics import score
 from .model import MixtureModel
 
-
-def _task_kw(model: nn.Module, tasks: list[str | None]) -> dict:
-    """``task=`` for a MixtureModel (None when the rows carry no task), nothing for a base."""
-    if not isinstance(model, MixtureModel):
-        return {}
-    return {"task": None if any(t is None for t in tasks) else list(tasks)}
-
-
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    if isinstance(model, MixtureModel):
-        return model.accepts_logits_to_keep
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+__all__ = [
+    "generate_answers",
+    "likelihood_answers",
+    "mmlu_accuracy",
+    "perplexity",
+    "prompt_ids",
+    "router_health",
+    "score",
+]
 
 
 def _batches(n: int, size: int, desc: str):
     return tqdm(range(0, n, size), desc=desc, unit="batch", leave=False)
+
+
+def _route(records: list[Record], task_free: bool) -> list[str | None] | None:
+    """Each row's task, or None: the model's own routing (task-free, or rows without one)."""
+    tasks = [r.task for r in records]
+    return None if task_free or any(t is None for t in tasks) else tasks
 
 
 @torch.no_grad()
@@ -52,17 +56,18 @@ def generate_answers(
     max_new_tokens: int = 16,
     batch_size: int = 8,
     desc: str = "generate",
+    task_free: bool = False,
 ) -> list[str]:
-    """Greedy answers to ``records`` (each row routed by its own task), first line only."""
+    """Greedy answers to ``records`` (each row routed by its own task unless ``task_free``),
+    first line only."""
     out = []
     for start in _batches(len(records), batch_size, desc):
         chunk = records[start : start + batch_size]
-        tasks = [r.task for r in chunk]
         new = generate_batch(
             model,
             tokenizer,
             [prompt_ids(r, tokenizer) for r in chunk],
-            None if any(t is None for t in tasks) else tasks,
+            _route(chunk, task_free),
             max_new_tokens,
         )
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -70,26 +75,43 @@ def generate_answers(
     return out
 
 
-def _norm(text: str) -> str:
-    return re.sub(r"[^\w]+", " ", text.lower()).strip()
+def choose(
+    model: nn.Module,
+    pad_id: int,
+    prompts: list[list[int]],
+    choices: list[list[int]],
+    tasks: list[str | None] | None,
+    batch_size: int,
+    desc: str,
+) -> list[int]:
+    """Per prompt, the index of the choice (token ids) with the highest total log-prob."""
+    pairs = [(p, c) for p in prompts for c in choices]
+    per_pair = None if tasks is None else [t for t in tasks for _ in choices]
+    scored = score_continuations(model, pad_id, pairs, per_pair, batch_size, desc=desc)
+    totals = torch.tensor([s.total for s in scored]).reshape(len(prompts), len(choices))
+    return totals.argmax(-1).tolist()
 
 
-def score(metric: str, predictions: list[str], references: list[str], labels=None) -> float:
-    """Task score in [0, 100]: exact match, classification accuracy or chrF."""
-    if not predictions:
-        return float("nan")
-    if metric == "chrf":
-        return CHRF().corpus_score(predictions, [references]).score
-    if metric == "classification":
-        by_norm = {_norm(label): label for label in labels or []}
-        chosen = [
-            next((lab for n, lab in by_norm.items() if _norm(p).startswith(n)), p)
-            for p in predictions
-        ]
-        hits = [_norm(c) == _norm(r) for c, r in zip(chosen, references, strict=True)]
-    else:
-        hits = [_norm(p) == _norm(r) for p, r in zip(predictions, references, strict=True)]
-    return 100.0 * sum(hits) / len(hits)
+@torch.no_grad()
+def likelihood_answers(
+    model: nn.Module,
+    tokenizer,
+    records: list[Record],
+    labels: list[str],
+    batch_size: int = 8,
+    desc: str = "likelihood",
+    task_free: bool = False,
+) -> list[str]:
+    """For each record, the label with the highest log-likelihood after its prompt.
+
+    A label is scored as training writes an answer: its tokens (tokenized alone) right
+    after the prompt; the score is the sum of their log-probabilities (lm-eval's ``acc``).
+    """
+    label_ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
+    prompts = [prompt_ids(r, tokenizer) for r in records]
+    routes = _route(records, task_free)
+    picked = choose(model, tokenizer.pad_token_id, prompts, label_ids, routes, batch_size, desc)
+    return [labels[i] for i in picked]
 
 
 def mmlu_prompt(q: dict) -> str:
@@ -99,27 +121,22 @@ def mmlu_prompt(q: dict) -> str:
 
 
 @torch.no_grad()
+def mmlu_predictions(
+    model: nn.Module, tokenizer, questions: list[dict], task=None, batch_size: int = 8
+) -> list[int]:
+    """Per question, the index of the answer letter with the highest next-token log-prob."""
+    letters = [[tokenizer(f" {c}", add_special_tokens=False)["input_ids"][-1]] for c in "ABCD"]
+    prompts = [tokenizer(mmlu_prompt(q), add_special_tokens=False)["input_ids"] for q in questions]
+    tasks = None if task is None else [task] * len(prompts)
+    return choose(model, tokenizer.pad_token_id, prompts, letters, tasks, batch_size, "mmlu")
+
+
 def mmlu_accuracy(
     model: nn.Module, tokenizer, questions: list[dict], task=None, batch_size: int = 8
 ) -> float:
     """Accuracy (%) of the answer letter with the highest next-token log-likelihood."""
-    model.eval()
-    letters = [tokenizer(f" {c}", add_special_tokens=False)["input_ids"][-1] for c in "ABCD"]
-    right = 0
-    prompts = [tokenizer(mmlu_prompt(q), add_special_tokens=False)["input_ids"] for q in questions]
-    order = sorted(range(len(questions)), key=lambda i: len(prompts[i]))  # less padding
-    for start in _batches(len(questions), batch_size, "mmlu"):
-        chunk = [questions[i] for i in order[start : start + batch_size]]
-        rows = [prompts[i] for i in order[start : start + batch_size]]
-        ids, mask = left_pad(rows, tokenizer.pad_token_id)
-        kw = _task_kw(model, [task] * len(chunk))
-        if _accepts_logits_to_keep(model):  # project the last position only, not (B, T, V)
-            kw["logits_to_keep"] = 1
-        logits = model(input_ids=ids, attention_mask=mask, **kw)
-        last = logits.logits[:, -1, letters]  # (B, 4): left padding puts every prompt's end last
-        right += sum(
-            int(p == q["answer"]) for p, q in zip(last.argmax(-1).tolist(), chunk, strict=True)
-        )
+    predicted = mmlu_predictions(model, tokenizer, questions, task, batch_size)
+    right = sum(p == q["answer"] for p, q in zip(predicted, questions, strict=True))
     return 100.0 * right / max(len(questions), 1)
 
 
@@ -136,7 +153,7 @@ def perplexity(
         width = max(len(r) for r in rows)
         ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        out = model(input_ids=ids, attention_mask=mask, **_task_kw(model, [task] * len(chunk)))
+        out = model(input_ids=ids, attention_mask=mask, **task_kw(model, [task] * len(chunk)))
         labels = ids.masked_fill(mask == 0, IGNORE)[:, 1:]
         loss = F.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), labels, reduction="sum")
         total, count = total + float(loss), count + int((labels != IGNORE).sum())
@@ -208,7 +225,8 @@ def router_health(model: MixtureModel, tokenizer, records: list[Record], batch_s
             chunk = records[start : start + batch_size]
             rows = [format_record(r, tokenizer)[0] for r in chunk]
             ids, mask = left_pad(rows, tokenizer.pad_token_id)
-            model(input_ids=ids, attention_mask=mask, **_task_kw(model, [r.task for r in chunk]))
+            kw = task_kw(model, [r.task for r in chunk])
+            model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), **kw)
     return summarize_routing(stats, model.method.layout(model.mixture_config).experts)
 
 

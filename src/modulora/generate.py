@@ -158,6 +158,15 @@ def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Ten
     return ids, mask
 
 
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that follow the attention mask (B, T): each row's first real token is 0.
+
+    Left-padded rows need them: a model that numbers positions by column would read a
+    padded row as starting later, so its answer would depend on its batch.
+    """
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
 @torch.no_grad()
 def generate_batch(
     model: torch.nn.Module,

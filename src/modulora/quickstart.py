@@ -22,10 +22,10 @@ import yaml
 
 from .add_task import add_task
 from .benchmark import MANIFEST, build_benchmark
+from .compare import compare_runs
 from .eval_run import evaluate_run
 from .models.embedded import resolve
 from .recipe import train_run
-from .report import compare_runs
 from .run_config import load_run_config
 
 # The budget that fits 10 minutes on 2 CPU cores for SmolLM2-135M (see the README for

@@ -3,12 +3,11 @@
 ``write_report(dir, results)`` turns ``eval/results.json`` into ``report.md``
 with ``scores.png`` (each task, base vs run), ``forgetting.png`` (task score after
 each stage) and ``routing.png`` (task x expert routing share).
-``compare_runs`` puts several runs side by side in one table and one plot.
+``compare.py`` puts several runs side by side.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -17,11 +16,19 @@ matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _fmt(value, digits: int = 1) -> str:
+def fmt(value, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def cell(entry: dict | None) -> str:
+    """A score with its 95% interval: ``34.4 [25.0, 44.0]`` (``-`` when not scored)."""
+    if not entry or entry.get("score") is None:
+        return "-"
+    ci = entry.get("ci")
+    return fmt(entry["score"]) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -32,18 +39,28 @@ def mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def score_rows(results: dict) -> list[list[str]]:
-    """Rows task | metric | base | run | change, then the average."""
-    model, base = results["model"]["tasks"], (results.get("base") or {}).get("tasks", {})
+def score_rows(results: dict, key: str = "tasks", mode: str | None = None) -> list[list[str]]:
+    """Rows task | metric | base | run | change, then the average.
+
+    ``key`` picks the run's scores (``tasks``: rows named by task; ``task_free``);
+    ``mode="likelihood"`` the classification tasks' likelihood scores.
+    """
+
+    def pick(scores: dict, task: str) -> dict | None:
+        entry = scores.get(task)
+        return entry.get(mode) if entry and mode else entry
+
+    model, base = results["model"][key], (results.get("base") or {}).get("tasks", {})
+    tasks = [t for t in model if pick(model, t)]
     rows = []
-    for task, r in model.items():
-        b = base.get(task, {}).get("score")
-        delta = None if b is None else r["score"] - b
-        rows.append([task, r["metric"], _fmt(b), _fmt(r["score"]), _fmt(delta)])
-    avg_b = mean(base.get(t, {}).get("score") for t in model) if base else None
-    avg_m = mean(r["score"] for r in model.values())
-    delta = None if avg_b is None else avg_m - avg_b
-    rows.append(["**average**", "", _fmt(avg_b), _fmt(avg_m), _fmt(delta)])
+    for task in tasks:
+        m, b = pick(model, task), pick(base, task)
+        delta = None if b is None else m["score"] - b["score"]
+        rows.append([task, model[task]["metric"], cell(b), cell(m), fmt(delta)])
+    avg_b = mean((pick(base, t) or {}).get("score") for t in tasks) if base else None
+    avg_m = mean(pick(model, t)["score"] for t in tasks)
+    delta = None if avg_b is None or avg_m is None else avg_m - avg_b
+    rows.append(["**average**", "", fmt(avg_b), fmt(avg_m), fmt(delta)])
     return rows
 
 
@@ -89,11 +106,11 @@ def _probe_section(results: dict) -> str:
     rows = []
     for key, label, digits in (("mmlu", "MMLU accuracy (%)", 1), ("perplexity", "perplexity", 2)):
         if key in model:
-            rows.append([label, _fmt(base.get(key), digits), _fmt(model[key], digits)])
+            rows.append([label, fmt(base.get(key), digits), fmt(model[key], digits)])
     if not rows:
         return ""
     note = f" (routed as task `{model['probe_task']}`)" if model.get("probe_task") else ""
-    return f"\n## General ability{note}\n\n" + _table(["probe", "base", "run"], rows) + "\n"
+    return f"\n## General ability{note}\n\n" + md_table(["probe", "base", "run"], rows) + "\n"
 
 
 def _forgetting_section(out: Path, forgetting: dict | None) -> str:
@@ -102,13 +119,18 @@ def _forgetting_section(out: Path, forgetting: dict | None) -> str:
     tasks, stages = forgetting["tasks"], forgetting["stages"]
     matrix = [[row[t] for t in tasks] for row in forgetting["scores"]]
     _heatmap(out / "forgetting.png", matrix, stages, tasks, "task score after each stage")
-    rows = [[s, *(_fmt(v) for v in r)] for s, r in zip(stages, matrix, strict=True)]
+    rows = [[s, *(fmt(v) for v in r)] for s, r in zip(stages, matrix, strict=True)]
     change = ", ".join(f"{t} {v:+.1f}" for t, v in forgetting["change"].items()) or "-"
     return (
         "\n## Forgetting: each task's score after each stage\n\n"
-        + _table(["after stage", *tasks], rows)
-        + f"\n\nBackward transfer (mean change from the stage that trained a task to the end): "
-        f"{_fmt(forgetting['bwt'])}; per task: {change}\n\n![forgetting](forgetting.png)\n"
+        "Each row is the model right after that stage, computing as that stage does (a "
+        "MoDULA domain stage runs its own expert at weight 1, before any router is "
+        "trained); a stage that serves one task scores only that task.\n\n"
+        + md_table(["after stage", *tasks], rows)
+        + "\n\n**Backward transfer** (BWT) = mean over tasks of (final score - the task's "
+        "score right after the stage that trained it); below 0 means later stages lost "
+        f"some of what a task had learned. BWT: {fmt(forgetting['bwt'])}; per task: "
+        f"{change}\n\n![forgetting](forgetting.png)\n"
     )
 
 
@@ -128,8 +150,8 @@ def _routing_section(out: Path, routing: dict | None) -> str:
         rows.append(
             [
                 kind,
-                _fmt(mean(i["entropy"] for i in infos), 3),
-                _fmt(mean(max(i["load"]) for i in infos), 3),
+                fmt(mean(i["entropy"] for i in infos), 3),
+                fmt(mean(max(i["load"]) for i in infos), 3),
                 f"{experts[top]} ({tops.count(top)}/{len(infos)})",
             ]
         )
@@ -138,10 +160,32 @@ def _routing_section(out: Path, routing: dict | None) -> str:
         f"Routing entropy per token (max {routing['max_entropy']:.3f} = uniform over "
         f"{len(experts)} experts), the top expert's load share, and the expert most often "
         "on top, per kind of layer (mean over blocks):\n\n"
-        + _table(["layer", "entropy", "top load share", "top expert (blocks)"], rows)
+        + md_table(["layer", "entropy", "top load share", "top expert (blocks)"], rows)
         + "\n\nWhich experts each task's tokens go to (mean over layers):\n\n"
         + "![routing](routing.png)\n"
     )
+
+
+def _extra_scores(results: dict) -> str:
+    """Likelihood classification and, after add-task, task-free routing."""
+    text = ""
+    header = ["task", "metric", "base", "run", "change"]
+    if any("likelihood" in r for r in results["model"]["tasks"].values()):
+        text += (
+            "\n## Classification by likelihood\n\nThe label with the highest "
+            "log-likelihood after the prompt, whatever the model would write: a baseline "
+            "for models that answer in another format.\n\n"
+            + md_table(header, score_rows(results, mode="likelihood"))
+            + "\n"
+        )
+    if results["model"].get("task_free"):
+        text += (
+            "\n## Task-free routing\n\nThe same test sets with no task named (what a request "
+            "that names the run gets): every expert, added ones too, is routed by token. "
+            "The table above names each task, so old tasks skip experts added after them."
+            "\n\n" + md_table(header, score_rows(results, key="task_free")) + "\n"
+        )
+    return text
 
 
 def write_report(out: str | Path, results: dict) -> Path:
@@ -152,9 +196,12 @@ def write_report(out: str | Path, results: dict) -> Path:
     header = ["task", "metric", "base", "run", "change"]
     text = (
         f"# Evaluation of {results['run']}\n\nMethod: `{results['method']}`. "
-        "Scores are in % (chrF for free text); test split of each task.\n\n"
-        + _table(header, score_rows(results))
+        "Scores are in % (chrF for free text) on the test split of each task, with 95% "
+        "bootstrap intervals over examples. Answers are generated greedily and compared "
+        "with the reference.\n\n"
+        + md_table(header, score_rows(results))
         + "\n\n![scores](scores.png)\n"
+        + _extra_scores(results)
         + _probe_section(results)
         + _forgetting_section(out, results.get("forgetting"))
         + _routing_section(out, results.get("routing"))
@@ -168,54 +215,3 @@ def write_report(out: str | Path, results: dict) -> Path:
     path = out / "report.md"
     path.write_text(text, encoding="utf-8")
     return path
-
-
-def compare_runs(run_dirs: list[str | Path], out: str | Path) -> tuple[str, Path]:
-    """One table and one plot of several evaluated runs (``eval/results.json`` each).
-
-    Returns the Markdown table and the path of ``compare.md``.
-    """
-    results = []
-    for d in run_dirs:
-        path = Path(d) / "eval" / "results.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: run `modulora eval {d}` first")
-        results.append(json.loads(path.read_text(encoding="utf-8")))
-    names = [f"{Path(r['run']).name} ({r['method']})" for r in results]
-    tasks = list(dict.fromkeys(t for r in results for t in r["model"]["tasks"]))
-    base = next((r["base"] for r in results if r.get("base")), None)
-    header = ["task", *(["base"] if base else []), *names]
-    rows = []
-    for t in tasks:
-        cells = [_fmt(r["model"]["tasks"].get(t, {}).get("score")) for r in results]
-        rows.append([t, *([_fmt(base["tasks"].get(t, {}).get("score"))] if base else []), *cells])
-    # averaged over the tasks every run was scored on, so runs compare like for like
-    common = [t for t in tasks if all(t in r["model"]["tasks"] for r in results)]
-    avg = [_fmt(mean(r["model"]["tasks"][t]["score"] for t in common)) for r in results]
-    base_avg = [_fmt(mean(base["tasks"].get(t, {}).get("score") for t in common))] if base else []
-    label = "**average**" if common == tasks else f"**average** ({', '.join(common)})"
-    rows.append([label, *base_avg, *avg])
-    for key, label in (("mmlu", "MMLU (%)"), ("perplexity", "perplexity")):
-        if any(key in r["model"] for r in results):
-            b = [_fmt(base.get(key), 2)] if base else []
-            rows.append([label, *b, *(_fmt(r["model"].get(key), 2) for r in results)])
-    table = _table(header, rows)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(1.5 * len(tasks) + 3, 3.5))
-    series = ([("base", base["tasks"])] if base else []) + [
-        (n, r["model"]["tasks"]) for n, r in zip(names, results, strict=True)
-    ]
-    width = 0.8 / len(series)
-    for i, (name, scores) in enumerate(series):
-        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(tasks))]
-        ax.bar(xs, [scores.get(t, {}).get("score") or 0 for t in tasks], width, label=name)
-    ax.set_xticks(range(len(tasks)), tasks)
-    ax.set_ylabel("score")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "compare.png", dpi=110)
-    plt.close(fig)
-    path = out / "compare.md"
-    path.write_text("# Runs side by side\n\n" + table + "\n\n![compare](compare.png)\n", "utf-8")
-    return table, path

@@ -28,11 +28,11 @@ from typing import Any
 import yaml
 
 from .config import MixtureConfig
+from .metrics import METRICS
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "auto")
 MIXING = ("concat", "interleave")
-METRICS = ("exact", "classification", "chrf")
 
 
 class ConfigError(ValueError):
@@ -78,6 +78,9 @@ class EvalConfig:
         text_examples: texts for perplexity, when fewer than ``probe_examples``.
         forgetting: also score every task after every stage (the forgetting matrix).
         forgetting_examples: test examples per task for the forgetting matrix.
+        likelihood: also score classification tasks by likelihood: the label with the
+            highest log-likelihood after the prompt (works for models that answer in
+            another format, such as the base model).
     """
 
     max_examples: int = 100
@@ -89,6 +92,7 @@ class EvalConfig:
     text_examples: int | None = None
     forgetting: bool = True
     forgetting_examples: int = 30
+    likelihood: bool = True
 
 
 @dataclass
