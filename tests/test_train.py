@@ -332,6 +332,31 @@ def test_config_errors_are_clear(tmp_path, model_path, capsys):
         assert message in capsys.readouterr().err, override
 
 
+def test_numbers_in_yaml_and_set_parse_as_numbers(tmp_path, model_path):
+    from modulora.run_config import ConfigError, load_run_config
+
+    config = _run(tmp_path, "lora", model_path)
+    text = config.read_text().replace("lr: 0.01", "lr: 1e-3")
+    assert "lr: 1e-3" in text  # PyYAML alone reads this as the string '1e-3'
+    config.write_text(text)
+    assert load_run_config(config).train.lr == 0.001
+    run = load_run_config(config, ["train.lr=1e-2", "train.weight_decay=5E-4"])
+    assert run.train.lr == 0.01 and run.train.weight_decay == 0.0005
+    with pytest.raises(ConfigError, match="train.lr must be a positive number, got '1e'"):
+        load_run_config(config, ["train.lr=1e"])  # not a number: stays text, and is refused
+
+
+def test_universal_stage_without_universal_data_warns(tmp_path, model_path, capsys):
+    config = _run(tmp_path, "modula-res", model_path, universal=False)
+    assert main(["plan", str(config)]) == 0
+    assert "no `universal:` data" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="trains the universal expert on every task's data"):
+        assert main(["train", str(config), "--stage", "universal"]) == 0
+    config = _run(tmp_path / "with", "modula-res", model_path)  # universal data given
+    assert main(["plan", str(config)]) == 0
+    assert "no `universal:` data" not in capsys.readouterr().out
+
+
 def test_plan_prints_every_stage(tmp_path, model_path, capsys):
     config = _run(tmp_path, "modula-res", model_path)
     assert main(["plan", str(config)]) == 0

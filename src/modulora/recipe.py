@@ -88,6 +88,17 @@ def stage_datasets(
     return out
 
 
+def universal_note(run: RunConfig, names: list[str]) -> str | None:
+    """A warning when a universal stage has no ``universal:`` data of its own."""
+    if "universal" not in names or run.universal is not None:
+        return None
+    return (
+        "warning: the config has no `universal:` data, so the universal stage trains the "
+        f"universal expert on every task's data ({', '.join(run.tasks)}); MoDULA trains it "
+        "on general instruction data, kept apart from the domain tasks"
+    )
+
+
 def enable_checkpointing(base, run: RunConfig) -> None:
     if run.train.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -128,6 +139,9 @@ def train_run(run: RunConfig, only: str | None = None, resume: bool = False) -> 
     )
     prep = prepare(run, only, acc.num_processes)
     if acc.is_main_process:
+        note = universal_note(run, [s.name for s in prep.stages])
+        if note:
+            warnings.warn(note[len("warning: ") :], stacklevel=2)
         for note in truncation_notes(prep.data):
             print(note, file=sys.stderr)
     if acc.is_main_process:
@@ -206,8 +220,8 @@ def describe(run: RunConfig) -> tuple[list[dict], list[str]]:
                 "steps": total_steps(len(examples), stage.train),
             }
         )
-    notes = truncation_notes(prep.data)
-    return rows, notes
+    notes = [n for n in [universal_note(run, [s.name for s in prep.stages])] if n]
+    return rows, notes + truncation_notes(prep.data)
 
 
 def data_stats(data: dict[str | None, Split]) -> dict:
