@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import model_dir, records, tokenizer, write_jsonl, write_run
+from tiny import chat_prompt, model_dir, records, tokenizer, write_jsonl, write_run
 
 import modulora
 from modulora.cli import main
 from modulora.eval_run import model_after
 from modulora.evaluate import mmlu_accuracy, perplexity, prompt_ids, router_health
+from modulora.generate import load_run
 from modulora.records import Record
 from modulora.runs import RunFolder
 
@@ -156,3 +157,103 @@ def test_eval_report_and_compare(tmp_path, model_path, capsys):
     assert (tmp_path / "cmp" / "compare.png").is_file()
     assert main(["eval", str(runs[0]), "--tasks", "nope"]) == 2
     assert main(["compare", str(tmp_path / "missing")]) == 2
+
+
+def _conversation(i: int) -> dict:
+    words = ["abc", "hgf", "bad", "cafe", "egg", "dab", "fed", "ace"]
+    a, b = words[i % 8], words[(i + 3) % 8]
+    return {
+        "messages": [
+            {"role": "user", "content": f"reverse: {a}"},
+            {"role": "assistant", "content": a[::-1]},
+            {"role": "user", "content": f"reverse: {b}"},
+            {"role": "assistant", "content": b[::-1]},
+        ]
+    }
+
+
+def _parity(i: int) -> dict:
+    return {"prompt": f"parity: {i}", "response": "odd" if i % 2 else "even"}
+
+
+def test_eval_conversations_likelihood_and_task_free_after_add_task(tmp_path, model_path):
+    data = tmp_path / "data"
+    tasks = {
+        "reverse": {
+            "train": str(write_jsonl(data / "rev.jsonl", [_conversation(i) for i in range(40)]))
+        },
+        "parity": {
+            "train": str(write_jsonl(data / "par.jsonl", [_parity(i) for i in range(40)])),
+            "test": str(write_jsonl(data / "par.test.jsonl", [_parity(i) for i in range(50, 56)])),
+            "metric": "classification",
+            "labels": ["even", "odd"],
+        },
+    }
+    config = write_run(tmp_path, "modula-res", model_path, tasks=tasks, train=TRAIN, eval=EVAL)
+    run = tmp_path / "run"
+    assert main(["train", str(config)]) == 0
+    assert main(["eval", str(run), "--no-forgetting"]) == 0
+    before = json.loads((run / "eval" / "results.json").read_text())
+    reverse = before["model"]["tasks"]["reverse"]
+    for sample in reverse["samples"]:  # the reference is the last assistant turn
+        assert sample["reference"] == sample["prompt"].split(": ")[1][::-1]
+    parity = before["model"]["tasks"]["parity"]
+    assert parity["n"] == 6
+    for entry, n in ((reverse, reverse["n"]), (parity, 6), (parity["likelihood"], 6)):
+        low, high = entry["ci"]
+        assert low <= entry["score"] <= high and len(entry["stats"]) == n
+    # likelihood accuracy, recomputed by hand: whole prompt and label, one forward each
+    loaded = load_run(run)
+    tok, right = loaded.tokenizer, 0
+    for i in range(50, 56):
+        prompt = chat_prompt(tok, [{"role": "user", "content": f"parity: {i}"}])
+        totals = []
+        for label in ("even", "odd"):
+            ids = tok(label, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                out = loaded.model(input_ids=torch.tensor([prompt + ids]), task="parity")
+            logp = out.logits[0].log_softmax(-1)
+            totals.append(sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(ids)))
+        right += ("odd" if totals[1] > totals[0] else "even") == _parity(i)["response"]
+    assert parity["likelihood"]["score"] == pytest.approx(100 * right / 6)
+    loaded.model.detach()
+
+    new = write_jsonl(data / "sort.jsonl", records("sort", 40, task_field=False))
+    args = ["add-task", str(run), "--task", "sort", "--data", str(new), "--router", "new"]
+    assert main(args) == 0
+    assert main(["eval", str(run), "--no-forgetting"]) == 0
+    after = json.loads((run / "eval" / "results.json").read_text())
+    for task in ("reverse", "parity"):  # named: the experts they were trained with, exactly
+        assert after["model"]["tasks"][task]["stats"] == before["model"]["tasks"][task]["stats"]
+    assert set(after["model"]["task_free"]) == {"reverse", "parity", "sort"}
+    report = (run / "eval" / "report.md").read_text()
+    for text in ("Task-free routing", "Classification by likelihood", "95% bootstrap"):
+        assert text in report
+
+
+def _fake_run(root, name, hits: dict[str, list[int]], cost: dict):
+    tasks = {
+        t: {"metric": "exact", "n": len(h), "score": 100 * sum(h) / len(h),
+            "ci": [0.0, 100.0], "stats": [[x] for x in h], "samples": []}
+        for t, h in hits.items()
+    }  # fmt: skip
+    results = {"run": str(root / name), "method": "lora", "tasks": list(hits),
+               "model": {"tasks": tasks}}  # fmt: skip
+    write_jsonl(root / name / "eval" / "results.json", [results])
+    (root / name / "cost.json").write_text(json.dumps({"total": cost}))
+    return root / name
+
+
+def test_compare_marks_significant_differences_and_shows_costs(tmp_path, capsys):
+    cost = {"adapter_parameters": 1234, "examples": 96, "tokens": 5000, "flops_estimate": 3e9,
+            "wall_time_s": 12.0}  # fmt: skip
+    a = _fake_run(tmp_path, "a", {"x": [1] * 60 + [0] * 40, "y": [1] * 50 + [0] * 50}, cost)
+    # b: 30 fewer right on x (significant), 2 fewer on y (noise)
+    b = _fake_run(tmp_path, "b", {"x": [1] * 30 + [0] * 70, "y": [1] * 48 + [0] * 52}, cost)
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "cmp")]) == 0
+    table = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("|")}
+    assert rows["x"].rstrip(" |").endswith("*")  # b's x differs from a's
+    assert not rows["y"].rstrip(" |").endswith("*")
+    assert "60.0 [" in rows["x"] and "30.0 [" in rows["x"]
+    assert "1,234" in table and "3e+09" in table and "FLOPs" in table

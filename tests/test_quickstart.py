@@ -53,10 +53,14 @@ def test_quickstart_trains_adds_a_task_evaluates_and_compares(
     assert added["old_task_outputs_identical"] is True and added["router"] == "new"
     for task, scored in before["model"]["tasks"].items():
         assert after["model"]["tasks"][task]["score"] == scored["score"], task
+        assert after["model"]["tasks"][task]["stats"] == scored["stats"], task  # per example
         got = [s["prediction"] for s in after["model"]["tasks"][task]["samples"]]
         assert got == [s["prediction"] for s in scored["samples"]], task
+    # and every task is also scored as a request naming the run would be answered
+    assert set(after["model"]["task_free"]) == set(after["model"]["tasks"])
+    assert set(added["comparators"]) == {"rerun", "molora", "lora"}
     assert {"math", "medical", "news", "chinese", "translate"} <= set(after["model"]["tasks"])
     assert "mmlu" in after["base"] and "perplexity" in after["model"]
     assert (qs / "compare" / "compare.png").stat().st_size > 0
-    for text in ("modula-res", "lora", "cost of adding translate", "wall time", "compare.md"):
+    for text in ("modula-res", "lora", "after (task-free)", "cost vs", "wall time", "compare.md"):
         assert text in printed

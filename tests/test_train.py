@@ -229,9 +229,9 @@ def test_add_task_keeps_old_experts_and_learns_the_new_task(tmp_path, model_path
     assert report["stages"] == expected
     if method in ("cgc-lora", "multi-lora"):
         assert report["old_task_outputs_identical"] is True
-    retrain = report["retrain_all_estimate"]
-    assert 0 < report["addition"]["parameters_trained"] < retrain["parameters_trained"]
-    assert 0 < report["addition"]["examples"] < retrain["examples"]
+    rerun = report["comparators"]["rerun"]
+    assert 0 < report["addition"]["parameters_trained"] < rerun["parameters_trained"]
+    assert 0 < report["addition"]["examples"] < rerun["examples"]
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert list(resolved["tasks"]) == ["reverse", "upper", "sort"]
     assert json.loads((run / "state.json").read_text())["tasks_added"] == ["sort"]
@@ -263,6 +263,66 @@ def test_add_task_router_new_trains_only_the_new_routing_rows(tmp_path, model_pa
     assert report["router"] == "new" and report["old_router_rows_identical"] is True
     assert report["old_task_outputs_identical"] is True  # old tasks route as before
     assert report["old_experts_bit_identical"] is True
+
+
+def test_add_task_cost_against_three_retrains_from_their_plans(tmp_path, model_path):
+    config = _run(tmp_path, "modula-res", model_path)  # 6 steps of 8 per stage
+    assert main(["train", str(config)]) == 0
+    run = tmp_path / "run"
+    new = write_jsonl(tmp_path / "data" / "sort.jsonl", records("sort", 48, task_field=False))
+    assert main(["add-task", str(run), "--task", "sort", "--data", str(new), "--rank", "4"]) == 0
+    report = json.loads((run / "add-task-sort.json").read_text())
+    comps = report["comparators"]
+    # the tiny Llama, by hand: per block q 32+32, k 32+16, v 32+16, o 32+32, gate/up 32+48,
+    # down 48+32 = 464 (d_in + d_out) over 2 blocks; a rank-r LoRA has r * 928 parameters
+    lora_rank = 8 + 3 * 4  # universal 8 + three domain experts of 4: the same total rank
+    assert comps["lora"]["total_rank"] == comps["rerun"]["total_rank"] == lora_rank
+    assert comps["lora"]["parameters_trained"] == lora_rank * 928
+    # MoLoRA: 4 experts x r5, plus a router of 4 rows per adapted layer (sum of d_in = 480)
+    assert comps["molora"]["experts"] == 4
+    assert comps["molora"]["parameters_trained"] == 4 * 5 * 928 + 4 * 480
+    # re-running the plan: universal r8 on x; MoDULA-Res domain experts read h (d_out wide):
+    # r * 2 * d_out, summed over layers 448 per block; a router row per domain expert
+    assert comps["rerun"]["parameters_trained"] == 8 * 928 + 3 * 4 * 896 + 3 * 480
+    # budgets: 5 stages x 6 steps x 8 examples; the joint retrains get the same
+    for name in ("rerun", "molora", "lora"):
+        assert comps[name]["examples"] == 5 * 6 * 8, name
+    # the addition: a domain stage and a router stage of 6 steps x 8
+    assert report["addition"]["examples"] == 2 * 6 * 8
+    assert report["addition_share"]["rerun"]["examples"] == round(96 / 240, 4)
+    base, _ = modulora.models.load_base(str(model_path))
+    size = sum(p.numel() for p in base.parameters())
+    lora = comps["lora"]  # one stage: tokens x (4 x all parameters + 2 x trainable)
+    want = lora["tokens"] * (4 * (size + 18560) + 2 * 18560)
+    assert lora["flops_estimate"] == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("router", ["all", "new"])
+def test_add_task_router_stage_routes_like_the_paper_by_default(
+    tmp_path, model_path, router, monkeypatch
+):
+    """``--router all`` (default): the router stage's rows name no task, so no task mask
+    keeps old tasks' tokens from the new expert; ``--router new`` names them."""
+    config = _run(tmp_path, "modula-res", model_path)
+    assert main(["train", str(config)]) == 0
+    seen = []
+    forward = modulora.MixtureModel.forward
+
+    def spy(self, *args, task=None, **kwargs):
+        if self.stage == "router" and self.training:
+            seen.append(task)
+        return forward(self, *args, task=task, **kwargs)
+
+    monkeypatch.setattr(modulora.MixtureModel, "forward", spy)
+    new = write_jsonl(tmp_path / "data" / "sort.jsonl", records("sort", 48, task_field=False))
+    args = ["add-task", str(tmp_path / "run"), "--task", "sort", "--data", str(new)]
+    assert main([*args, "--router", router]) == 0
+    assert seen
+    if router == "all":
+        assert all(t is None for t in seen)
+    else:  # old and new tasks' rows, each named
+        named = {t for rows in seen for t in rows}
+        assert named == {"reverse", "upper", "sort"}
 
 
 def test_add_task_refusals_leave_the_run_untouched(tmp_path, model_path, capsys):

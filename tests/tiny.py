@@ -112,14 +112,19 @@ def write_run(
     universal: bool = True,
     **sections,
 ) -> Path:
-    """Write task data and a run YAML into ``folder``; ``sections`` override YAML keys."""
+    """Write task data and a run YAML into ``folder``; ``sections`` override YAML keys.
+
+    ``tasks``: names of ``TRANSFORMS`` tasks (their data is written), or the YAML's
+    ``tasks`` mapping itself."""
     import yaml
 
     folder = Path(folder)
     cfg = {
         "model": str(model),
         "method": method,
-        "tasks": {
+        "tasks": tasks  # a dict: the YAML's tasks as given
+        if isinstance(tasks, dict)
+        else {
             t: {"train": str(write_jsonl(folder / f"data/{t}.jsonl", records(t, n)))} for t in tasks
         },
         "adapter": {"rank": 4, "universal_rank": 8, "num_experts": 2},

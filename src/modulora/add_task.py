@@ -5,13 +5,17 @@ task (``MixtureModel.add_task``), and only the method's add-task stages train:
 MoDULA and token-routed mixtures train the new expert alone and then only the
 router; task-gated methods train the new expert and the new task's gate row.
 Every old expert is compared bit for bit before anything is written, and the
-cost of the addition is reported next to an estimate of retraining everything.
+cost of the addition is reported next to three retrains of every task it replaces
+(``ledger.py``). For token routers, ``router="all"`` (the default, MoDULA's recipe)
+retrains every routing row on old and new data with no task ids, as the paper does;
+``"new"`` trains only the new expert's rows and keeps old tasks, when named, exact.
 """
 
 from __future__ import annotations
 
 import copy
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,15 +23,15 @@ from accelerate.utils import set_seed
 
 from .checkpoint import load, save
 from .gates import TokenRouter
+from .ledger import comparators, shares
 from .methods import get_method
 from .model import MixtureModel
 from .models import load_base
-from .plan import build_stages, load_data
+from .plan import Stage, build_stages, load_data
 from .recipe import enable_checkpointing, run_summary, stage_datasets
-from .records import read_records, split_records
 from .run_config import METRICS, ConfigError, RunConfig, TaskData, dump, load_run_config
-from .runs import RunFolder, read_json, write_json
-from .train import make_accelerator, run_stage
+from .runs import RunFolder, write_json
+from .train import StageData, make_accelerator, run_stage
 
 GROWN_KEYS_SKIPPED = ("method", "tasks", "task_ranks")
 
@@ -153,6 +157,9 @@ def add_task(
     base, tokenizer = load_base(run.model)
     splits = load_data(new, stages, tokenizer)
     stage_data = stage_datasets(new, stages, splits, acc.num_processes)
+    if router == "all":
+        _route_router_stage_by_token(stages, stage_data)
+    retrains = comparators(new, base, tokenizer)
 
     model = load(base, folder.root)
     enable_checkpointing(base, run)
@@ -187,7 +194,7 @@ def add_task(
     if kept:
         outputs_same = torch.equal(logits_before, _old_task_logits(model, list(run.tasks)))
 
-    report = _report(folder, new, task, costs, splits, identical, outputs_same, model)
+    report = _report(new, task, costs, identical, outputs_same, retrains)
     report["router"] = router
     report["old_router_rows_identical"] = rows_same if rows else None
     if acc.is_main_process:
@@ -205,49 +212,23 @@ def add_task(
     return report
 
 
-def _train_size(run: RunConfig, task: str, splits) -> int:
-    """Training examples of ``task`` (0 when its files are gone: no estimate then)."""
-    if task in splits:
-        return len(splits[task].train)
-    files = run.tasks[task]
-    if not Path(files.train).is_file():
-        return 0
-    records = read_records(files.train, task)
-    if files.valid and files.test:
-        return len(records)
-    v = 0.0 if files.valid else run.data.valid_fraction
-    t = 0.0 if files.test else run.data.test_fraction
-    return len(split_records(records, run.train.seed, v, t)[0])
+def _route_router_stage_by_token(stages: list[Stage], stage_data: dict[str, StageData]) -> None:
+    """The paper's router stage: rows name no task, so no task mask applies, and old tasks'
+    tokens teach every routing row, the new expert's included, where they belong."""
+    for stage in stages:
+        if stage.name == "router":
+            data = stage_data[stage.label]
+            stage_data[stage.label] = StageData(
+                [replace(e, task=None) for e in data.train],
+                [replace(e, task=None) for e in data.valid],
+            )
 
 
-def _report(folder, run, task, costs, splits, identical, outputs_same, model) -> dict:
-    """This addition's cost next to an estimate of retraining every task from scratch."""
-    addition = {
-        "parameters_trained": sum(c["trainable_parameters"] for c in costs),
-        "examples": sum(c["examples"] for c in costs),
-        "tokens": sum(c["tokens"] for c in costs),
-        "wall_time_s": round(sum(c["wall_time_s"] for c in costs), 3),
-    }
-    summary = read_json(folder.root / "cost.json")
-    retrain = None
-    old_n = sum(_train_size(run, t, splits) for t in run.tasks if t != task)
-    if summary and old_n:
-        # the original plan's measured cost, scaled by the data growth of one more task
-        scale = (old_n + len(splits[task].train)) / old_n
-        total = summary["total"]
-        retrain = {
-            "parameters_trained": sum(p.numel() for p in model.adapter_parameters().values()),
-            "examples": round(total["examples"] * scale),
-            "tokens": round(total["tokens"] * scale),
-            "wall_time_s": round(total["wall_time_s"] * scale, 3),
-            "basis": "this run's measured stage costs x (old + new training examples) / old",
-        }
-    share = None
-    if retrain:
-        share = {
-            k: round(addition[k] / retrain[k], 4) if retrain[k] else None
-            for k in ("parameters_trained", "examples", "tokens", "wall_time_s")
-        }
+def _report(run, task, costs, identical, outputs_same, retrains) -> dict:
+    """This addition's cost next to the retrains of every task it replaces."""
+    addition = {k: sum(c[k] for c in costs) for k in ("examples", "tokens", "flops_estimate")}
+    addition["parameters_trained"] = sum(c["trainable_parameters"] for c in costs)
+    addition["wall_time_s"] = round(sum(c["wall_time_s"] for c in costs), 3)
     return {
         "task": task,
         "method": run.method,
@@ -260,6 +241,6 @@ def _report(folder, run, task, costs, splits, identical, outputs_same, model) ->
             "end": costs[0]["valid_loss_end"],
         },
         "addition": addition,
-        "retrain_all_estimate": retrain,
-        "addition_share_of_retrain": share,
+        "comparators": retrains,
+        "addition_share": shares(addition, retrains),
     }

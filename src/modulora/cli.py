@@ -101,23 +101,29 @@ def _add_task(args) -> None:
         )
     if report["old_task_outputs_identical"] is not None:
         console.print(f"old tasks' outputs identical: {report['old_task_outputs_identical']}")
-    table = Table(
-        title=f"cost of adding {report['task']!r} vs retraining all tasks ({report['method']})"
-    )
-    for col in ("", "parameters trained", "examples", "tokens", "wall time (s)"):
+    table = Table(title=f"cost of adding {report['task']!r} vs retraining every task")
+    for col in ("", "parameters trained", "examples", "tokens", "FLOPs (est.)", "share"):
         table.add_column(col, justify="right")
-    keys = ("parameters_trained", "examples", "tokens", "wall_time_s")
-    table.add_row("add-task", *(f"{report['addition'][k]:,}" for k in keys))
-    if report["retrain_all_estimate"]:
-        table.add_row(
-            "retrain all (est.)", *(f"{report['retrain_all_estimate'][k]:,}" for k in keys)
-        )
-        share = report["addition_share_of_retrain"]
-        table.add_row(
-            "share", *(f"{100 * share[k]:.1f}%" if share[k] is not None else "-" for k in keys)
-        )
+    row = report["addition"]
+    table.add_row(
+        "add-task",
+        *_cost_cells(row),
+        f"{row['wall_time_s']:.1f} s",
+    )
+    for name, comp in report["comparators"].items():
+        share = report["addition_share"][name]
+        shown = "/".join(f"{100 * share[k]:.1f}%" if share[k] else "-" for k in COST_KEYS)
+        table.add_row(comp["what"], *_cost_cells(comp), shown)
     console.print(table)
+    console.print("share: the addition's parameters/examples/tokens/FLOPs as % of each retrain")
     console.print(f"report: {args.run_dir}/add-task-{report['task']}.json")
+
+
+COST_KEYS = ("parameters_trained", "examples", "tokens", "flops_estimate")
+
+
+def _cost_cells(cost: dict) -> list[str]:
+    return [f"{cost[k]:,}" for k in COST_KEYS[:3]] + [f"{cost['flops_estimate']:.3g}"]
 
 
 def _eval(args) -> None:
@@ -163,9 +169,11 @@ def _quickstart(args) -> None:
     result = quickstart(args.out, args.model, args.full)
     console = _console()
     console.print(result["table"])
-    added = Table(title="adding a task to modula-res: old tasks before / after")
-    for col in ("task", "before", "after", "change"):
-        added.add_column(col, justify="left" if col == "task" else "right")
+    from .quickstart import ADDED_HEADER
+
+    added = Table(title="adding a task to modula-res: old tasks before / after, and its cost")
+    for col in ADDED_HEADER:
+        added.add_column(col, justify="left" if col == "old task" else "right")
     for row in result["added"]:
         added.add_row(*row)
     console.print(added)

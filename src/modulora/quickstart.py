@@ -26,6 +26,7 @@ from .compare import compare_runs
 from .eval_run import evaluate_run
 from .models.embedded import resolve
 from .recipe import train_run
+from .report import cell
 from .run_config import load_run_config
 
 # The budget that fits 10 minutes on 2 CPU cores for SmolLM2-135M (see the README for
@@ -150,19 +151,28 @@ def quickstart(
     }
 
 
+ADDED_HEADER = ["old task", "before", "after (named)", "after (task-free)", "change (task-free)"]
+
+
 def added_task_rows(before: dict, after: dict, cost: dict) -> list[list[str]]:
-    """What adding a task changed: old tasks' scores before/after, and its cost share."""
+    """What adding a task changed: old tasks' scores before and after, named (routed over
+    the experts they were trained with) and task-free (routed over every expert, as a
+    request naming the run), then the addition's cost as a share of each retrain."""
     rows = []
-    for task, scored in before["model"]["tasks"].items():
-        new = after["model"]["tasks"][task]["score"]
-        rows.append([task, f"{scored['score']:.1f}", f"{new:.1f}", f"{new - scored['score']:+.1f}"])
-    share = cost["addition_share_of_retrain"]
-    rows.append(
-        [
-            f"cost of adding {cost['task']}",
-            f"{100 * share['parameters_trained']:.1f}% of parameters",
-            f"{100 * share['examples']:.1f}% of examples",
-            f"{100 * share['wall_time_s']:.1f}% of time",
-        ]
-    )
+    free = after["model"].get("task_free") or after["model"]["tasks"]
+    for task, was in before["model"]["tasks"].items():
+        named, unnamed = after["model"]["tasks"][task], free[task]
+        change = unnamed["score"] - was["score"]
+        rows.append([task, cell(was), cell(named), cell(unnamed), f"{change:+.1f}"])
+    for name, comp in cost["comparators"].items():
+        share = cost["addition_share"][name]
+        rows.append(
+            [
+                f"cost vs {comp['what']}",
+                f"{100 * share['parameters_trained']:.1f}% of parameters",
+                f"{100 * share['examples']:.1f}% of examples",
+                f"{100 * share['tokens']:.1f}% of tokens",
+                f"{100 * share['flops_estimate']:.1f}% of FLOPs",
+            ]
+        )
     return rows

@@ -225,10 +225,10 @@ def validation_loss(model, core: MixtureModel, examples: list[Example], acc, cfg
     return total / max(count, 1.0)
 
 
-def flops_estimate(core: MixtureModel, tokens: int, trainable: int, checkpointing: bool) -> float:
+def flops_estimate(total: int, tokens: int, trainable: int, checkpointing: bool) -> float:
     """2 FLOPs per parameter per token for each matmul pass: forward, backward through
-    activations, weight gradients of trainable parameters (+ a forward when recomputing)."""
-    total = sum(p.numel() for p in core.parameters())
+    activations, weight gradients of trainable parameters (+ a forward when recomputing).
+    ``total``: every parameter of the model, base and adapter."""
     passes = 3 if checkpointing else 2
     return float(tokens) * (2 * total * passes + 2 * trainable)
 
@@ -308,7 +308,10 @@ def run_stage(
         "label_tokens": progress.label_tokens,
         "wall_time_s": round(progress.wall_time, 3),
         "flops_estimate": flops_estimate(
-            core, progress.tokens, n_trainable, cfg.gradient_checkpointing
+            sum(p.numel() for p in core.parameters()),
+            progress.tokens,
+            n_trainable,
+            cfg.gradient_checkpointing,
         ),
         "valid_loss_start": log.first_valid,
         "valid_loss_end": final,
