@@ -270,6 +270,73 @@ def test_stop_strings(gated):
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+def _direct_logprobs(loaded, ids: list[int], task) -> list[float]:
+    """log p(token i | tokens before it) for i >= 1: one unpadded forward of the run's model."""
+    with torch.no_grad():
+        logits = loaded.model(input_ids=torch.tensor([ids]), task=task).logits[0]
+    logp = logits.log_softmax(-1)
+    return [float(logp[i - 1, t]) for i, t in enumerate(ids) if i > 0]
+
+
+@pytest.mark.parametrize("server", ["gated", "routed"])
+def test_echo_logprobs_score_the_prompt(server, request):
+    """What lm-eval's local-completions sends for loglikelihood: echo, logprobs, and
+    max_tokens 1 (it drops the last entry) or 0 (score only)."""
+    loaded, _, client = request.getfixturevalue(server)
+    ids = loaded.tokenizer("reverse: abc dog", add_special_tokens=False)["input_ids"]
+    task = "upper" if loaded.needs_task else None
+    model = task or "run"
+    want = _direct_logprobs(loaded, ids, task)
+    body = {"model": model, "prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 0}
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    lp = choice["logprobs"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx(want, abs=1e-4)
+    assert "".join(lp["tokens"]) == choice["text"] == loaded.tokenizer.decode(ids)
+    assert lp["text_offset"][0] == 0 and lp["text_offset"][-1] == len(choice["text"]) - len(
+        lp["tokens"][-1]
+    )
+    one = client.post("/v1/completions", json={**body, "max_tokens": 1}).json()
+    lp1 = one["choices"][0]["logprobs"]
+    assert len(lp1["token_logprobs"]) == len(ids) + 1
+    assert lp1["token_logprobs"][1 : len(ids)] == pytest.approx(want, abs=1e-4)
+    text, tokens = _direct(loaded, ids, task, 1)  # greedy: the new token is the top one
+    last = lp1["token_logprobs"][-1]
+    assert one["choices"][0]["text"] == loaded.tokenizer.decode(ids) + text
+    assert last == pytest.approx(_direct_logprobs(loaded, ids + tokens, task)[-1], abs=1e-4)
+    assert last == pytest.approx(max(lp1["top_logprobs"][-1].values()), abs=1e-6)
+    assert all(len(t) == 1 for t in lp1["top_logprobs"][1:])
+
+
+def test_several_prompts_get_one_choice_each(gated):
+    loaded, _, client = gated
+    prompts = ["upper: abc", "reverse: hgfe dog"]
+    body = {"model": "upper", "prompt": prompts, "max_tokens": 5, "logprobs": 2}
+    choices = client.post("/v1/completions", json=body).json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    for prompt, choice in zip(prompts, choices, strict=True):
+        ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        text, tokens = _direct(loaded, ids, "upper", 5)
+        assert choice["text"] == text
+        lp = choice["logprobs"]  # no echo: the new tokens only
+        want = _direct_logprobs(loaded, ids + tokens, "upper")[len(ids) - 1 :]
+        assert lp["token_logprobs"] == pytest.approx(want, abs=1e-4)
+        assert all(len(t) == 2 for t in lp["top_logprobs"])
+        assert lp["text_offset"][0] == len(prompt)
+    ids = loaded.tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
+    as_ids = client.post("/v1/completions", json={**body, "prompt": [ids]}).json()
+    assert as_ids["choices"][0]["text"] == choices[0]["text"]
+
+
+def test_tokenizer_endpoints(gated):
+    loaded, _, client = gated
+    info = client.get("/tokenizer_info").json()
+    assert info["eos_token"] == "<eos>" and info["pad_token"] == "<pad>"
+    ids = client.post("/tokenize", json={"prompt": "the lazy dog"}).json()["tokens"]
+    assert ids == loaded.tokenizer("the lazy dog", add_special_tokens=False)["input_ids"]
+    assert client.post("/detokenize", json={"tokens": ids}).json()["prompt"] == "the lazy dog"
+
+
 def test_bad_requests_get_openai_errors(gated, routed):
     _, _, client = gated
     chat = "/v1/chat/completions"
@@ -295,7 +362,11 @@ def test_bad_requests_get_openai_errors(gated, routed):
     too_many = {**CHAT, "model": "upper", "max_tokens": 250}  # prompt + 250 > 256 positions
     _error(client.post(chat, json=too_many), 400, "context_length_exceeded", "messages")
     _error(client.post("/v1/completions", json={"model": "upper", "prompt": ""}), 400)
-    _error(client.post("/v1/completions", json={"model": "upper", "prompt": ["a", "b"]}), 400)
+    bad_ids = {"model": "upper", "prompt": [1, 2, 99999], "max_tokens": 2}
+    _error(client.post("/v1/completions", json=bad_ids), 400, param="prompt")
+    streamed = {"model": "upper", "prompt": ["a", "b"], "stream": True}
+    _error(client.post("/v1/completions", json=streamed), 400, param="stream")
+    _error(client.post("/v1/completions", json={"model": "upper", "prompt": []}), 400)
     _error(client.get("/v1/nothing"), 404)
     _, _, other = routed
     unknown = _error(other.post(chat, json={**CHAT, "model": "french"}), 404, "model_not_found")

@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .generate import LoadedRun, Sampling, generate_batch
@@ -53,6 +54,32 @@ class Job:
 
 
 @dataclass
+class Call:
+    """Other work on the model (scoring log-probs), run on the worker thread between
+    batches; its result (or exception) resolves ``future`` on the request's loop."""
+
+    fn: Callable[[], object]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+    def run(self) -> None:
+        try:
+            result, error = self.fn(), None
+        except Exception as exc:  # handed to the request, which answers with an error
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
+            self.loop.call_soon_threadsafe(self._resolve, result, error)
+
+    def _resolve(self, result, error) -> None:
+        if self.future.done():  # the request is gone
+            return
+        if error is not None:
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(result)
+
+
+@dataclass
 class Stats:
     """What the worker ran, for /health, tests and benchmarks (written under ``lock``)."""
 
@@ -77,15 +104,22 @@ class Worker:
         if max_batch < 1 or batch_window_ms < 0:
             raise ValueError("max_batch must be >= 1 and batch_window_ms >= 0")
         self.loaded, self.max_batch, self.window = loaded, max_batch, batch_window_ms / 1000
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.jobs: queue.Queue[Job | Call | None] = queue.Queue()
         self.stats = Stats()
         self.thread = threading.Thread(target=self._run, name="modulora-generate", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job | Call) -> None:
         self.jobs.put(job)
+
+    async def call(self, fn: Callable[[], object]):
+        """Run ``fn()`` on the model's thread, in turn with the batches; await its result."""
+        loop = asyncio.get_running_loop()
+        call = Call(fn, loop, loop.create_future())
+        self.submit(call)
+        return await call.future
 
     def stop(self) -> None:
         """Finish the batch being collected or run, then end the thread."""
@@ -94,7 +128,10 @@ class Worker:
 
     def _run(self) -> None:
         while (first := self.jobs.get()) is not None:
-            batch, deadline, stopping = [first], time.monotonic() + self.window, False
+            if isinstance(first, Call):
+                first.run()
+                continue
+            batch, deadline, stopping, calls = [first], time.monotonic() + self.window, False, []
             while len(batch) < self.max_batch:
                 try:
                     job = self.jobs.get(timeout=max(deadline - time.monotonic(), 1e-6))
@@ -103,7 +140,10 @@ class Worker:
                 if job is None:
                     stopping = True
                     break
-                batch.append(job)
+                if isinstance(job, Call):
+                    calls.append(job)  # after this batch, in the order they came
+                else:
+                    batch.append(job)
             # a batch's rows either all name a task or none does (the run's own routing)
             groups: dict[tuple[Sampling, bool], list[Job]] = {}
             for job in batch:
@@ -111,6 +151,8 @@ class Worker:
                     groups.setdefault((job.sampling, job.task is None), []).append(job)
             for group in groups.values():
                 self._generate(group)
+            for call in calls:
+                call.run()
             if stopping:
                 return
 

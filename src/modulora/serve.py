@@ -39,6 +39,8 @@ from starlette.exceptions import HTTPException
 
 from .batching import Done, Failed, Job, Worker
 from .generate import LoadedRun, Sampling, chat_prompt_ids, load_run
+from .likelihood import score_continuations
+from .logprobs import openai_logprobs
 
 MAX_TOKENS = 2048  # most new tokens one request may ask for
 log = logging.getLogger("modulora.serve")
@@ -79,7 +81,25 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]  # text, or a list of exactly one text
+    # text, token ids, or a list of either (one choice each, as lm-eval sends them)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = Field(64, ge=0, le=MAX_TOKENS)  # 0: score the prompt only (echo)
+    echo: bool = False  # the prompt comes back before the answer (and in logprobs)
+    logprobs: int | None = Field(None, ge=0, le=20)  # also return this many top tokens
+
+    def prompts(self) -> list[str | list[int]]:
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
+
+
+class TokenizeRequest(BaseModel):
+    prompt: str
+    add_special_tokens: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    tokens: list[int]
 
 
 class ChatMessage(BaseModel):
@@ -193,16 +213,30 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
+async def _complete(job: Job, text: _Text) -> tuple[str, str]:
+    """The whole answer of a job and its finish reason."""
+    out, finish = [], "stop"
+    async for piece, finish in _pieces(job, text):  # noqa: B007 (the last finish counts)
+        out.append(piece)
+    return "".join(out), finish
+
+
+def _kept(tokenizer, ids: list[int], text: str) -> list[int]:
+    """The new tokens that make up ``text`` (a stop string may have cut the last ones)."""
+    for k in range(len(ids) + 1):
+        if len(tokenizer.decode(ids[:k], skip_special_tokens=True)) >= len(text):
+            return ids[:k]
+    return ids
+
+
 async def _reply(job: Job, text: _Text, shape: _Shape, stream: bool, include_usage: bool):
     """The answer to one submitted job: a JSON body, or an SSE stream of chunks."""
-    pieces = _pieces(job, text)
     if not stream:
-        out, finish = [], None
-        async for piece, finish in pieces:  # noqa: B007 (the last finish is the answer's)
-            out.append(piece)
+        answer, finish = await _complete(job, text)
         usage = _usage(len(job.prompt), len(text.ids))
-        return {**shape.head(False), "choices": [shape.choice("".join(out), finish, False)],
+        return {**shape.head(False), "choices": [shape.choice(answer, finish, False)],
                 "usage": usage}  # fmt: skip
+    pieces = _pieces(job, text)
     first = await anext(pieces)  # an error before the first token is still a JSON 500
     head = shape.head(True)
 
@@ -274,6 +308,7 @@ def build_app(loaded: LoadedRun, max_batch: int = 8, batch_window_ms: float = 10
     run_name, tasks, tokenizer = loaded.root.name, loaded.tasks, loaded.tokenizer
     names = loaded.model_names
     n_ctx = _context_length(loaded)
+    vocab = loaded.model.base_model.get_input_embeddings().num_embeddings
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -299,8 +334,8 @@ def build_app(loaded: LoadedRun, max_batch: int = 8, batch_window_ms: float = 10
         message = f"model {model!r} does not exist; this server has {names}"
         raise ApiError(404, message, param="model", code="model_not_found")
 
-    async def answer(req: _Request, prompt: list[int], task, max_tokens: int, chat: bool):
-        param = "messages" if chat else "prompt"
+    def checked(req: _Request, prompt: list[int], max_tokens: int, param: str) -> int:
+        """The number of new tokens to make; errors for prompts that cannot be answered."""
         if not worker.thread.is_alive():  # e.g. the app was used without its lifespan
             raise ApiError(503, "the generation worker is not running")
         if not prompt:
@@ -313,13 +348,72 @@ def build_app(loaded: LoadedRun, max_batch: int = 8, batch_window_ms: float = 10
                 f"and max_tokens asks for {max_tokens} more"
             )
             raise ApiError(400, message, param=param, code="context_length_exceeded")
+        return max_tokens
+
+    def submit(req: _Request, prompt: list[int], task, max_tokens: int) -> Job:
         # greedy ignores top_p: one key, so greedy requests always share a batch
         sampling = Sampling(req.temperature, req.top_p if req.temperature > 0 else 1.0)
         job = Job(prompt, task, max_tokens, sampling, asyncio.get_running_loop())
         worker.submit(job)
+        return job
+
+    async def answer(req: _Request, prompt: list[int], task, max_tokens: int, chat: bool):
+        max_tokens = checked(req, prompt, max_tokens, "messages" if chat else "prompt")
+        job = submit(req, prompt, task, max_tokens)
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         text, shape = _Text(tokenizer, req.stops()), _Shape(chat, req.model)
         return await _reply(job, text, shape, req.stream, include_usage)
+
+    def token_ids(prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if any(not 0 <= i < vocab for i in prompt):
+            raise ApiError(400, f"token ids must be in [0, {vocab})", param="prompt")
+        return list(prompt)
+
+    async def scored_completions(req: CompletionRequest, prompts: list, task) -> dict:
+        """Several prompts (a choice each), ``echo`` and ``logprobs``: answers first (batched
+        by the worker), then one scoring pass on the model's thread."""
+        ids = [token_ids(p) for p in prompts]
+        limits = [checked(req, p, req.max_tokens, "prompt") for p in ids]
+        jobs = [submit(req, p, task, n) if n else None for p, n in zip(ids, limits, strict=True)]
+        texts = [_Text(tokenizer, req.stops()) for _ in ids]
+        done = await asyncio.gather(
+            *(_complete(j, t) for j, t in zip(jobs, texts, strict=True) if j is not None)
+        )
+        answers = iter(done)
+        results = [next(answers) if j is not None else ("", "length") for j in jobs]
+        new = [_kept(tokenizer, t.ids, a) for t, (a, _) in zip(texts, results, strict=True)]
+        scored = [None] * len(ids)
+        if req.echo or req.logprobs is not None:
+            full = [p + n if req.echo else n for p, n in zip(ids, new, strict=True)]
+            pairs = [(f[:1], f[1:]) if req.echo else (p, f) for p, f in zip(ids, full, strict=True)]
+            todo = [i for i, (_, cont) in enumerate(pairs) if cont]
+            top = max(req.logprobs or 0, 1)
+
+            def score():
+                tasks = None if task is None else [task] * len(todo)
+                return score_continuations(
+                    loaded.model, tokenizer.pad_token_id, [pairs[i] for i in todo], tasks, top=top
+                )
+
+            for i, result in zip(todo, await worker.call(score), strict=True):
+                scored[i] = result
+        shape, choices = _Shape(False, req.model), []
+        for i, (prompt, p_ids) in enumerate(zip(prompts, ids, strict=True)):
+            answer, finish = results[i]
+            shown = prompt if isinstance(prompt, str) else tokenizer.decode(p_ids)
+            choice = shape.choice((shown if req.echo else "") + answer, finish, False)
+            choice["index"] = i
+            if req.logprobs is not None:
+                tokens = p_ids + new[i] if req.echo else new[i]
+                start = 0 if req.echo else len(shown)
+                choice["logprobs"] = openai_logprobs(
+                    tokenizer, tokens, scored[i], req.echo, req.logprobs, start
+                )
+            choices.append(choice)
+        usage = _usage(sum(map(len, ids)), sum(len(t.ids) for t in texts))
+        return {**shape.head(False), "choices": choices, "usage": usage}
 
     @app.get("/health")
     async def health() -> dict:
@@ -340,11 +434,32 @@ def build_app(loaded: LoadedRun, max_batch: int = 8, batch_window_ms: float = 10
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         task = resolve(req.model)
-        if isinstance(req.prompt, list) and len(req.prompt) != 1:
-            raise ApiError(400, "give exactly one prompt per request", param="prompt")
-        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return await answer(req, ids, task, req.max_tokens, chat=False)
+        prompts = req.prompts()
+        if not prompts:
+            raise ApiError(400, "the prompt list is empty", param="prompt")
+        simple = len(prompts) == 1 and not req.echo and req.logprobs is None
+        if simple and req.max_tokens > 0:
+            return await answer(req, token_ids(prompts[0]), task, req.max_tokens, chat=False)
+        if req.stream:
+            message = "stream one prompt per request, without echo or logprobs"
+            raise ApiError(400, message, param="stream")
+        return await scored_completions(req, prompts, task)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        """What lm-eval's remote tokenizer reads (``tokenizer_backend=remote``)."""
+        return dict(eos_token=tokenizer.eos_token, bos_token=tokenizer.bos_token,
+                    pad_token=tokenizer.pad_token, model_max_length=n_ctx,
+                    chat_template=getattr(tokenizer, "chat_template", None))  # fmt: skip
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict:
+        ids = tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
+        return {"tokens": ids, "count": len(ids), "max_model_len": n_ctx}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> dict:
+        return {"prompt": tokenizer.decode(token_ids(req.tokens))}
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
