@@ -45,6 +45,16 @@ class LoadedRun:
         return self.model.method.task_gated
 
     @property
+    def context_length(self) -> int:
+        """Positions the base model takes (the run's train.max_length when its config is
+        silent)."""
+        config = getattr(self.model.base_model, "config", None)
+        for name in ("max_position_embeddings", "n_positions"):
+            if isinstance(value := getattr(config, name, None), int) and value > 0:
+                return value
+        return self.run.train.max_length
+
+    @property
     def model_names(self) -> list[str]:
         """What a request may name: each task, and for token routers the run itself
         (routing over every expert)."""

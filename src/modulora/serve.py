@@ -267,15 +267,6 @@ async def _reply(job: Job, text: _Text, shape: _Shape, stream: bool, include_usa
 # --- the app --------------------------------------------------------------------------------
 
 
-def _context_length(loaded: LoadedRun) -> int:
-    """Positions the base model takes (the run's train.max_length when its config is silent)."""
-    config = getattr(getattr(loaded.model, "base_model", loaded.model), "config", None)
-    for name in ("max_position_embeddings", "n_positions"):
-        if isinstance(value := getattr(config, name, None), int) and value > 0:
-            return value
-    return loaded.run.train.max_length
-
-
 def _add_error_handlers(app: FastAPI) -> None:
     """Every error is a JSON body in OpenAI's shape; FastAPI's 422s become 400s."""
 
@@ -307,7 +298,7 @@ def build_app(loaded: LoadedRun, max_batch: int = 8, batch_window_ms: float = 10
     worker = Worker(loaded, max_batch, batch_window_ms)
     run_name, tasks, tokenizer = loaded.root.name, loaded.tasks, loaded.tokenizer
     names = loaded.model_names
-    n_ctx = _context_length(loaded)
+    n_ctx = loaded.context_length
     vocab = loaded.model.base_model.get_input_embeddings().num_embeddings
 
     @asynccontextmanager
