@@ -159,12 +159,17 @@ def test_gradient_checkpointing_gives_the_same_gradients(method):
 @pytest.mark.parametrize("method", list(modulora.METHODS))
 @pytest.mark.parametrize("mode", ["bf16-base", "autocast"])
 def test_bf16_paths_follow_fp32_within_bf16_tolerance(method, mode):
+    """Tolerances from measured error (2026-11, every method): logits within 0.0053 of
+    fp32, and the adapter's own effect (adapted minus base logits, 0.08-0.55 at this
+    scale) reproduced to within 2.9% of its size; bounds are about 4x those."""
     ids, mask = batch()
-    logits = {}
+    logits, plain = {}, {}
     for dtype in (torch.float32, torch.bfloat16):
         base = tiny_model("llama")
         if mode == "bf16-base":
             base = base.to(dtype)
+        with torch.no_grad():
+            plain[dtype] = base(input_ids=ids, attention_mask=mask).logits.float()
         model = modulora.attach(base, method_config(method))
         randomize_adapters(model, scale=0.1)
         model.set_stage(model.method.plan(model.mixture_config)[-1])
@@ -178,7 +183,11 @@ def test_bf16_paths_follow_fp32_within_bf16_tolerance(method, mode):
         assert trained and all(p.dtype == torch.float32 for p in trained)  # adapters stay fp32
         assert all(torch.isfinite(p.grad).all() for p in trained if p.grad is not None)
         logits[dtype] = out.logits.float()
-    torch.testing.assert_close(logits[torch.bfloat16], logits[torch.float32], atol=0.1, rtol=0.05)
+    torch.testing.assert_close(logits[torch.bfloat16], logits[torch.float32], atol=0.02, rtol=0)
+    effect = {d: logits[d] - plain[d] for d in logits}  # what the adapter adds
+    size = effect[torch.float32].abs().max()
+    assert size > 0.05  # the adapter matters at this scale, so the check below can fail
+    assert (effect[torch.bfloat16] - effect[torch.float32]).abs().max() < 0.1 * size
 
 
 def test_layers_to_transform_adapts_only_those_blocks(family):

@@ -201,6 +201,15 @@ def test_two_processes_match_one(tmp_path, model_path):
     assert [c["processes"] for c in _costs(tmp_path / "two" / "run")] == [2] * 4
 
 
+def _old_task_logits(model_path, run, tasks=("reverse", "upper")):
+    """Logits of the saved run for fixed inputs, one row per old task, named."""
+    base, _ = modulora.models.load_base(str(model_path))
+    model = modulora.load(base, run)
+    ids = torch.randint(3, 300, (len(tasks), 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(input_ids=ids, task=list(tasks)).logits
+
+
 def _folder_state(root):
     """Every file under ``root`` with its bytes: a run folder 'untouched' keeps this equal."""
     return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
@@ -213,6 +222,7 @@ def test_add_task_keeps_old_experts_and_learns_the_new_task(tmp_path, model_path
     assert main(["train", str(config)]) == 0
     run = tmp_path / "run"
     before = _tensors(run)
+    named = _old_task_logits(model_path, run)
     new = write_jsonl(tmp_path / "data" / "sort.jsonl", records("sort", 48, task_field=False))
     assert main(["add-task", str(run), "--task", "sort", "--data", str(new), "--rank", "4"]) == 0
     after = _tensors(run)
@@ -227,8 +237,9 @@ def test_add_task_keeps_old_experts_and_learns_the_new_task(tmp_path, model_path
     assert loss["end"] < loss["start"]
     expected = get_method(method).add_plan(None, "sort")
     assert report["stages"] == expected
-    if method in ("cgc-lora", "multi-lora"):
+    if method in ("cgc-lora", "multi-lora"):  # task-gated: old tasks' outputs are kept
         assert report["old_task_outputs_identical"] is True
+        assert torch.equal(_old_task_logits(model_path, run), named)
     rerun = report["comparators"]["rerun"]
     assert 0 < report["addition"]["parameters_trained"] < rerun["parameters_trained"]
     assert 0 < report["addition"]["examples"] < rerun["examples"]
@@ -246,6 +257,7 @@ def test_add_task_router_new_trains_only_the_new_routing_rows(tmp_path, model_pa
     assert main(["train", str(config)]) == 0
     run = tmp_path / "run"
     before = {k: v for k, v in _tensors(run).items() if k.startswith("router")}
+    named = _old_task_logits(model_path, run)
     new = write_jsonl(tmp_path / "data" / "sort.jsonl", records("sort", 48, task_field=False))
     args = ["add-task", str(run), "--task", "sort", "--data", str(new), "--router", "new"]
     assert main(args) == 0
@@ -262,6 +274,7 @@ def test_add_task_router_new_trains_only_the_new_routing_rows(tmp_path, model_pa
     report = json.loads((run / "add-task-sort.json").read_text())
     assert report["router"] == "new" and report["old_router_rows_identical"] is True
     assert report["old_task_outputs_identical"] is True  # old tasks route as before
+    assert torch.equal(_old_task_logits(model_path, run), named)  # from the files themselves
     assert report["old_experts_bit_identical"] is True
 
 
