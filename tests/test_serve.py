@@ -17,8 +17,7 @@ import torch
 from fastapi.testclient import TestClient
 from tiny import chat_prompt, model_dir, tokenizer, write_run
 
-from modulora import batching
-from modulora import serve as serve_module
+from modulora import batching, openai_api
 from modulora.cli import main
 from modulora.generate import generate_batch, load_run
 from modulora.serve import build_app, running, serve
@@ -105,7 +104,7 @@ def _release_all(stops: list[str], text: str) -> tuple[list[str], bool]:
     tok = tokenizer()
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text and len(ids) > len(text.split())
-    out = serve_module._Text(tok, stops)
+    out = openai_api.IncrementalText(tok, stops)
     pieces = []
     for token in ids:
         out.add(token)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .metrics import difference, interval, resample, task_seed
-from .report import cell, fmt, md_table, mean, plt
+from .report import PROBES, cell, fmt, md_table, mean, plt, probe_cell
 
 
 def _load(run_dir: str | Path) -> dict:
@@ -169,10 +169,10 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path) -> tuple[str, Path
     if likelihood:
         text += "\n\nClassification by likelihood (the most likely label):\n\n" + likelihood
     probes = []
-    for key, label in (("mmlu", "MMLU (%)"), ("perplexity", "perplexity")):
+    for key, label, digits in PROBES:
         if any(key in r["model"] for r in results):
-            b = [fmt(base.get(key), 2)] if base else []
-            probes.append([label, *b, *(fmt(r["model"].get(key), 2) for r in results)])
+            b = [probe_cell(base, key, digits)] if base else []
+            probes.append([label, *b, *(probe_cell(r["model"], key, digits) for r in results)])
     if probes:
         header = ["probe", *(["base"] if base else []), *names]
         text += "\n\nGeneral ability:\n\n" + md_table(header, probes)

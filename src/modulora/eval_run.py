@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 from accelerate.utils import set_seed
 
 from .checkpoint import load, load_weights, read_manifest
@@ -21,9 +22,9 @@ from .config import MixtureConfig
 from .evaluate import (
     generate_answers,
     likelihood_answers,
-    mmlu_accuracy,
-    perplexity,
+    mmlu_predictions,
     router_health,
+    text_losses,
 )
 from .metrics import aggregate, bootstrap_ci, example_stats, task_seed
 from .model import MixtureModel, attach
@@ -108,10 +109,17 @@ def score_probes(model, tokenizer, cfg: EvalConfig, max_length: int) -> dict:
     out = {"probe_task": task}
     if cfg.mmlu:
         questions = _jsonl(cfg.mmlu, cfg.probe_examples)
-        out["mmlu"] = mmlu_accuracy(model, tokenizer, questions, task, cfg.batch_size)
+        picked = mmlu_predictions(model, tokenizer, questions, task, cfg.batch_size)
+        hits = np.array([[float(p == q["answer"])] for p, q in zip(picked, questions, strict=True)])
+        out["mmlu"] = aggregate("exact", hits)
+        out["mmlu_ci"] = list(bootstrap_ci("exact", hits, task_seed("mmlu")))
+        out["mmlu_stats"] = hits.tolist()
     if cfg.text:
         texts = [r["text"] for r in _jsonl(cfg.text, cfg.text_examples or cfg.probe_examples)]
-        out["perplexity"] = perplexity(model, tokenizer, texts, task, max_length, cfg.batch_size)
+        losses = np.array(text_losses(model, tokenizer, texts, task, max_length, cfg.batch_size))
+        out["perplexity"] = aggregate("perplexity", losses)
+        out["perplexity_ci"] = list(bootstrap_ci("perplexity", losses, task_seed("perplexity")))
+        out["perplexity_stats"] = losses.tolist()
     return out
 
 
@@ -213,7 +221,9 @@ def evaluate_run(
     results["model"] = {"tasks": score_tasks(model, tokenizer, run, test, cfg)}
     if routes_by_token_with_mask(model):
         # a request naming the run routes like the paper's model: no task id
-        results["model"]["task_free"] = score_tasks(model, tokenizer, run, test, cfg, True)
+        results["model"]["task_free"] = score_tasks(
+            model, tokenizer, run, test, cfg, task_free=True, likelihood=False
+        )
     if probes:
         results["model"].update(score_probes(model, tokenizer, cfg, run.train.max_length))
     every = [r for records in test.values() for r in records[: cfg.forgetting_examples]]

@@ -141,23 +141,36 @@ def mmlu_accuracy(
 
 
 @torch.no_grad()
-def perplexity(
+def text_losses(
     model: nn.Module, tokenizer, texts: list[str], task=None, max_length: int = 256, batch_size=8
-) -> float:
-    """exp(mean next-token loss) over ``texts`` (each truncated to ``max_length`` tokens)."""
+) -> list[tuple[float, int]]:
+    """Per text, (sum of next-token losses, tokens predicted), each truncated to
+    ``max_length`` tokens (right-padded batches: positions start at 0 in every row)."""
     model.eval()
-    total, count = 0.0, 0
+    out = []
     for start in _batches(len(texts), batch_size, "perplexity"):
         chunk = texts[start : start + batch_size]
         rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in chunk]
         width = max(len(r) for r in rows)
         ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        out = model(input_ids=ids, attention_mask=mask, **task_kw(model, [task] * len(chunk)))
+        logits = model(input_ids=ids, attention_mask=mask, **task_kw(model, [task] * len(chunk)))
         labels = ids.masked_fill(mask == 0, IGNORE)[:, 1:]
-        loss = F.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), labels, reduction="sum")
-        total, count = total + float(loss), count + int((labels != IGNORE).sum())
-    return math.exp(total / max(count, 1))
+        loss = F.cross_entropy(
+            logits.logits[:, :-1].float().transpose(1, 2), labels, reduction="none"
+        )  # (B, T - 1), 0 where ignored
+        counts = (labels != IGNORE).sum(1)
+        out += list(zip(loss.sum(1).tolist(), counts.tolist(), strict=True))
+    return out
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module, tokenizer, texts: list[str], task=None, max_length: int = 256, batch_size=8
+) -> float:
+    """exp(mean next-token loss) over ``texts`` (each truncated to ``max_length`` tokens)."""
+    losses = text_losses(model, tokenizer, texts, task, max_length, batch_size)
+    return math.exp(sum(n for n, _ in losses) / max(sum(c for _, c in losses), 1))
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
-from .generate import Sampling, generate_batch, load_run
+from .generate import Sampling, chat_prompt_ids, generate_batch, load_run
 from .likelihood import score_continuations
 
 
@@ -68,6 +68,17 @@ class ModuloraLM(TemplateLM):
     @property
     def tokenizer_name(self) -> str:
         return str(self.loaded.root)
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt=True) -> str:
+        """lm-eval's ``--apply_chat_template``: the conversation as modulora renders it for
+        training and serving (the run's system prompt included)."""
+        messages = list(chat_history)
+        if not add_generation_prompt and messages and messages[-1]["role"] == "assistant":
+            prefill = messages.pop()["content"]  # lm-eval continues an assistant turn
+        else:
+            prefill = ""
+        ids = chat_prompt_ids(self.tokenizer, messages, self.loaded.run.data.system_prompt)
+        return self.tokenizer.decode(ids) + prefill
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs):
         return self.tokenizer(string, add_special_tokens=bool(add_special_tokens))["input_ids"]

@@ -16,7 +16,8 @@ examples:
 - ``chrf``: sacrebleu's chrF; the per-example statistics are its sufficient
   statistics (character and word n-gram matches), summed over examples.
 
-Scores are in [0, 100].
+Scores are in [0, 100]. The general-ability probes use the same machinery: MMLU as
+hits (a mean), perplexity from per-text (summed token loss, tokens) pairs.
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ def aggregate(metric: str, stats: np.ndarray) -> float:
         return float("nan")
     if metric == "chrf":
         return float(CHRF()._compute_score_from_stats(list(stats.sum(0))).score)
+    if metric == "perplexity":  # rows: (sum of token losses, tokens) per text
+        return float(np.exp(stats[:, 0].sum() / max(stats[:, 1].sum(), 1)))
     return float(100.0 * stats[:, 0].mean())
 
 
@@ -120,6 +123,8 @@ def resample(
     """The score of each of ``resamples`` bootstrap resamples of the examples (seeded:
     the same seed and number of examples draw the same resamples)."""
     index = np.random.default_rng(seed).integers(0, len(stats), size=(resamples, len(stats)))
+    if metric == "perplexity":
+        return np.exp(stats[index, 0].sum(1) / np.maximum(stats[index, 1].sum(1), 1))
     if metric != "chrf":
         return 100.0 * stats[index, 0].mean(1)
     return np.array([aggregate(metric, stats[row]) for row in index])

@@ -35,7 +35,6 @@ from .run_config import load_run_config
 # each stage has only a few steps: MoDULA-Res domain experts read the universal
 # expert's output, which is small after a short universal stage.
 STAGE_STEPS = {"universal": 10, "domain": 8, "router": 6}
-TOTAL_STEPS = STAGE_STEPS["universal"] + 4 * STAGE_STEPS["domain"] + STAGE_STEPS["router"]
 TRAIN = {
     "batch_size": 4,
     "lr": 3.0e-3,
@@ -49,7 +48,7 @@ TRAIN = {
 }
 DATA = {"max_valid_examples": 12, "system_prompt": ""}  # no default system turn: ~30% fewer tokens
 EVAL = {
-    "max_examples": 24,
+    "max_examples": 100,  # the whole test split of every benchmark task
     "max_new_tokens": 6,
     "probe_examples": 100,
     "text_examples": 30,
@@ -58,8 +57,20 @@ EVAL = {
 TOP_LAYERS = 10  # adapt the top blocks only: backward stops there, ~2x faster on CPU
 
 
-def run_config(method: str, model_dir: Path, bench: Path, out: Path) -> dict:
-    """The YAML of one quickstart run (plain data, written next to the run)."""
+def run_config(
+    method: str,
+    model_dir: Path,
+    bench: Path,
+    out: Path,
+    stage_steps: dict[str, int] | None = None,
+    **sections: dict,
+) -> dict:
+    """The YAML of one quickstart run (plain data, written next to the run).
+
+    ``stage_steps`` replaces ``STAGE_STEPS`` (joint methods get their sum, with four
+    domains); ``sections`` (``train``, ``adapter``, ``eval``, ...) update those keys.
+    """
+    steps = stage_steps or STAGE_STEPS
     spec = json.loads((bench / MANIFEST).read_text())
     tasks = {}
     for name, task in spec["tasks"].items():
@@ -90,11 +101,15 @@ def run_config(method: str, model_dir: Path, bench: Path, out: Path) -> dict:
         },
         "output_dir": str(out / method),
     }
+    for key, values in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **values}
     if method.startswith("modula"):
         cfg["universal"] = {k: str(bench / v) for k, v in spec["universal"]["files"].items()}
-        cfg["stages"] = {k: {"max_steps": v} for k, v in STAGE_STEPS.items()}
+        cfg["stages"] = {k: {"max_steps": v} for k, v in steps.items()}
     else:
-        cfg["train"]["max_steps"] = TOTAL_STEPS
+        cfg["train"]["max_steps"] = (
+            steps["universal"] + len(tasks) * steps["domain"] + steps["router"]
+        )
     return cfg
 
 
@@ -125,7 +140,13 @@ def quickstart(
         times[f"train {method}"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     name = extra["name"]
-    before = evaluate_run(runs[0], probes=False, forgetting=False, out_name=f"eval-before-{name}")
+    before = evaluate_run(  # the old tasks' answers, as the after-table compares them
+        runs[0],
+        probes=False,
+        forgetting=False,
+        overrides=["eval.likelihood=false"],
+        out_name=f"eval-before-{name}",
+    )
     files = {k: str(bench / v) for k, v in extra["files"].items()}
     cost = add_task(
         runs[0],

@@ -20,6 +20,18 @@ def fmt(value, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def probe_cell(scores: dict | None, key: str, digits: int = 1) -> str:
+    """A probe's value with its interval (``mmlu`` and ``mmlu_ci``), ``-`` when absent."""
+    if not scores or scores.get(key) is None:
+        return "-"
+    ci = scores.get(f"{key}_ci")
+    interval = f" [{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]" if ci else ""
+    return fmt(scores[key], digits) + interval
+
+
+PROBES = (("mmlu", "MMLU accuracy (%)", 1), ("perplexity", "perplexity", 2))
+
+
 def cell(entry: dict | None) -> str:
     """A score with its 95% interval: ``34.4 [25.0, 44.0]`` (``-`` when not scored)."""
     if not entry or entry.get("score") is None:
@@ -103,10 +115,11 @@ def _heatmap(path: Path, matrix, rows: list[str], cols: list[str], title: str, f
 
 def _probe_section(results: dict) -> str:
     model, base = results["model"], results.get("base") or {}
-    rows = []
-    for key, label, digits in (("mmlu", "MMLU accuracy (%)", 1), ("perplexity", "perplexity", 2)):
-        if key in model:
-            rows.append([label, fmt(base.get(key), digits), fmt(model[key], digits)])
+    rows = [
+        [label, probe_cell(base, key, digits), probe_cell(model, key, digits)]
+        for key, label, digits in PROBES
+        if key in model
+    ]
     if not rows:
         return ""
     note = f" (routed as task `{model['probe_task']}`)" if model.get("probe_task") else ""
