@@ -104,7 +104,7 @@ def _add_translate(source: Path, bench: Path) -> Path:
         files.pop("train"),
         files={**files, "metric": extra["kind"], "labels": extra["labels"]},
     )
-    evaluate_run(target, forgetting=False)
+    evaluate_run(target, with_base=True, forgetting=False)  # the base on the new task too
     return target
 
 

@@ -10,7 +10,8 @@ from conftest import tiny_model
 from sacrebleu.metrics import CHRF
 from tiny import tokenizer
 
-from modulora.evaluate import mmlu_predictions
+from modulora.data import Record, prompt_ids
+from modulora.evaluate import answer, mmlu_predictions
 from modulora.generate import generate_batch
 from modulora.likelihood import score_continuations
 from modulora.metrics import (
@@ -137,3 +138,28 @@ def test_mmlu_and_generation_do_not_depend_on_the_batch(family):
     prompts = [tok(q["question"], add_special_tokens=False)["input_ids"] for q in questions[:6]]
     together = generate_batch(model, tok, prompts, max_new_tokens=5)
     assert together == [generate_batch(model, tok, [p], max_new_tokens=5)[0] for p in prompts]
+
+
+def test_eval_answers_and_labels_share_one_prompt_pass(family):
+    """``answer``: generation from the prefilled cache == generate_batch alone, row by row;
+    the chosen label == the best by one unpadded forward per (prompt, label)."""
+    tok = tokenizer(chat=False)
+    model = tiny_model(family, vocab=len(tok))
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog"]
+    records = [
+        Record("t", "prompt", prompt=" ".join(words[i:]), response="x", where=f"f:{i}")
+        for i in range(7)
+    ]
+    labels = ["dog", "fox jumps", "e"]
+    answers, chosen = answer(model, tok, records, 4, batch_size=3, labels=labels)
+    for record, got, picked in zip(records, answers, chosen, strict=True):
+        prompt = prompt_ids(record, tok)
+        alone = generate_batch(model, tok, [prompt], max_new_tokens=4)[0]
+        assert got == tok.decode(alone, skip_special_tokens=True).strip().split("\n")[0].strip()
+        totals = []
+        for label in labels:
+            ids = tok(label, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([prompt + ids])).logits[0].log_softmax(-1)
+            totals.append(sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(ids)))
+        assert picked == labels[max(range(3), key=totals.__getitem__)]

@@ -20,8 +20,7 @@ from accelerate.utils import set_seed
 from .checkpoint import load, load_weights, read_manifest
 from .config import MixtureConfig
 from .evaluate import (
-    generate_answers,
-    likelihood_answers,
+    answer,
     mmlu_predictions,
     router_health,
     text_losses,
@@ -86,16 +85,15 @@ def score_tasks(
     out = {}
     for task, records in test.items():
         td = run.tasks[task]
-        preds = generate_answers(
-            model, tokenizer, records, cfg.max_new_tokens, cfg.batch_size, task, task_free
-        )
+        scored = likelihood and cfg.likelihood and td.metric == "classification"
+        preds, chosen = answer(
+            model, tokenizer, records, cfg.max_new_tokens, cfg.batch_size,
+            td.labels if scored else None, task, task_free,
+        )  # fmt: skip
         refs = [r.answer for r in records]
         out[task] = {"metric": td.metric, "n": len(records)}
         out[task] |= score_answers(td.metric, preds, refs, td.labels, task)
-        if likelihood and cfg.likelihood and td.metric == "classification":
-            chosen = likelihood_answers(
-                model, tokenizer, records, td.labels, cfg.batch_size, task, task_free
-            )
+        if chosen is not None:
             out[task]["likelihood"] = score_answers(td.metric, chosen, refs, td.labels, task)
         out[task]["samples"] = [
             {"prompt": r.question, "prediction": p, "reference": r.answer}

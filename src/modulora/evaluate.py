@@ -11,6 +11,7 @@ attention mask, so no answer depends on the batch it ran in.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import defaultdict
 from contextlib import contextmanager
@@ -23,13 +24,12 @@ from tqdm.auto import tqdm
 from .data import IGNORE, Record, format_record, prompt_ids
 from .gates import TokenRouter
 from .generate import generate_batch, left_pad, position_ids
-from .likelihood import score_continuations, task_kw
+from .likelihood import prefill, score_after, score_continuations, task_kw
 from .metrics import score
 from .model import MixtureModel
 
 __all__ = [
-    "generate_answers",
-    "likelihood_answers",
+    "answer",
     "mmlu_accuracy",
     "perplexity",
     "prompt_ids",
@@ -49,30 +49,43 @@ def _route(records: list[Record], task_free: bool) -> list[str | None] | None:
 
 
 @torch.no_grad()
-def generate_answers(
+def answer(
     model: nn.Module,
     tokenizer,
     records: list[Record],
     max_new_tokens: int = 16,
     batch_size: int = 8,
-    desc: str = "generate",
+    labels: list[str] | None = None,
+    desc: str = "answers",
     task_free: bool = False,
-) -> list[str]:
-    """Greedy answers to ``records`` (each row routed by its own task unless ``task_free``),
-    first line only."""
-    out = []
+) -> tuple[list[str], list[str] | None]:
+    """Greedy answers to ``records`` (first line) and, given ``labels``, the label each
+    prompt makes most likely.
+
+    Each row is routed by its own task unless ``task_free``. A label is scored as
+    training writes an answer: its tokens (tokenized alone) right after the prompt,
+    their log-probabilities summed (lm-eval's ``acc``). Both read one prompt pass
+    (``likelihood.prefill``): the labels from a copy of its cache, generation from it.
+    """
+    label_ids = [tokenizer(lab, add_special_tokens=False)["input_ids"] for lab in labels or []]
+    pad, device = tokenizer.pad_token_id, next(model.parameters()).device
+    answers, chosen = [], []
     for start in _batches(len(records), batch_size, desc):
         chunk = records[start : start + batch_size]
-        new = generate_batch(
-            model,
-            tokenizer,
-            [prompt_ids(r, tokenizer) for r in chunk],
-            _route(chunk, task_free),
-            max_new_tokens,
-        )
+        prompts = [prompt_ids(r, tokenizer) for r in chunk]
+        routes = _route(chunk, task_free)
+        tasks = routes or [None] * len(chunk)
+        ids, mask = left_pad(prompts, pad, device)  # (B, T)
+        cache = prefill(model, ids, mask, tasks)
+        if label_ids:  # scoring reorders the cache it reads: give it a copy
+            members = [(row, lab, tasks[row]) for row in range(len(chunk)) for lab in label_ids]
+            scored = score_after(model, copy.deepcopy(cache), ids, mask, members, pad)
+            totals = torch.tensor([s.total for s in scored]).reshape(len(chunk), len(label_ids))
+            chosen += [labels[k] for k in totals.argmax(-1).tolist()]
+        new = generate_batch(model, tokenizer, prompts, routes, max_new_tokens, cache=cache)
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-        out += [t.strip().split("\n")[0].strip() for t in texts]
-    return out
+        answers += [t.strip().split("\n")[0].strip() for t in texts]
+    return answers, (chosen if labels else None)
 
 
 def choose(
@@ -90,28 +103,6 @@ def choose(
     scored = score_continuations(model, pad_id, pairs, per_pair, batch_size, desc=desc)
     totals = torch.tensor([s.total for s in scored]).reshape(len(prompts), len(choices))
     return totals.argmax(-1).tolist()
-
-
-@torch.no_grad()
-def likelihood_answers(
-    model: nn.Module,
-    tokenizer,
-    records: list[Record],
-    labels: list[str],
-    batch_size: int = 8,
-    desc: str = "likelihood",
-    task_free: bool = False,
-) -> list[str]:
-    """For each record, the label with the highest log-likelihood after its prompt.
-
-    A label is scored as training writes an answer: its tokens (tokenized alone) right
-    after the prompt; the score is the sum of their log-probabilities (lm-eval's ``acc``).
-    """
-    label_ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
-    prompts = [prompt_ids(r, tokenizer) for r in records]
-    routes = _route(records, task_free)
-    picked = choose(model, tokenizer.pad_token_id, prompts, label_ids, routes, batch_size, desc)
-    return [labels[i] for i in picked]
 
 
 def mmlu_prompt(q: dict) -> str:

@@ -186,6 +186,7 @@ def generate_batch(
     max_new_tokens: int | list[int] = 64,
     sampling: Sampling = Sampling(),
     on_token: Callable[[int, int], bool | None] | None = None,
+    cache=None,
 ) -> list[list[int]]:
     """Generate for every prompt in one batched call; rows may have different tasks.
 
@@ -201,6 +202,9 @@ def generate_batch(
             in order, as soon as it is decided (not called for the end token); a true
             return value ends that row there (a stop string, a client gone), which
             frees its compute while the other rows go on.
+        cache: a KV cache of the left-padded prompts without their last token
+            (``likelihood.prefill``), so a caller that scored them already does not pay
+            for the prompts twice; None computes it.
 
     Returns:
         Per row, the new token ids, without padding or the end token.
@@ -230,5 +234,6 @@ def generate_batch(
         streamer=streamer,
         **sampling.kwargs(),
         **kw,
+        **({} if cache is None else {"cache": cache}),
     )
     return streamer.tokens

@@ -2,10 +2,12 @@
 
 One routine scores (context, continuation) token pairs for every caller: likelihood
 classification in ``modulora eval``, lm-eval's loglikelihood requests and the
-server's ``echo``/``logprobs``. Each distinct context runs once (left-padded, with
-position ids that follow the attention mask, so a row's scores do not depend on its
-batch) and keeps its KV cache; the continuations of that context then read the cache,
-so scoring five labels costs one prompt pass and one short pass, not five prompt passes.
+server's ``echo``/``logprobs``. Each distinct context runs once (``prefill``: left-padded,
+with position ids that follow the attention mask, so a row's scores do not depend on
+its batch) and keeps its KV cache; the continuations of that context then read the
+cache (``score_after``), so scoring five labels costs one prompt pass and one short
+pass, not five prompt passes, and ``modulora eval`` reuses the same prefill to generate
+its answers.
 """
 
 from __future__ import annotations
@@ -70,6 +72,65 @@ def _take(logp: torch.Tensor, tokens: list[int], top: int) -> tuple[list[float],
 
 
 @torch.no_grad()
+def prefill(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, tasks) -> object | None:
+    """The KV cache of left-padded rows ``ids`` (B, T) without their last column, or None
+    when that leaves nothing. Generation (``generate_batch(cache=...)``) and scoring
+    (``score_after``) both start from it: each feeds the last prompt token itself."""
+    if ids.shape[1] < 2:
+        return None
+    kw = task_kw(model, tasks)
+    if accepts_logits_to_keep(model):  # no logits are needed: project one position only
+        kw["logits_to_keep"] = 1
+    head, head_mask = ids[:, :-1], mask[:, :-1]
+    out = model(
+        input_ids=head,
+        attention_mask=head_mask,
+        position_ids=position_ids(head_mask),
+        use_cache=True,
+        **kw,
+    )
+    return out.cache
+
+
+@torch.no_grad()
+def score_after(
+    model: nn.Module,
+    cache,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    members: list[tuple[int, list[int], str | None]],
+    pad_id: int,
+    top: int = 0,
+) -> list[Scored]:
+    """Score continuations of prefilled rows: ``members`` are (row of ``ids``,
+    continuation ids, task). ``cache`` (``prefill`` of ``ids``) is consumed."""
+    rows = [row for row, _, _ in members]
+    index = torch.tensor(rows, device=ids.device)
+    # feed the context's last token and every continuation token but the last:
+    # position j then predicts continuation token j
+    feed = [[int(ids[row, -1])] + cont[:-1] for row, cont, _ in members]
+    width = max(len(f) for f in feed)
+    fed = torch.tensor([f + [pad_id] * (width - len(f)) for f in feed], device=ids.device)
+    new = torch.tensor([[1] * len(f) + [0] * (width - len(f)) for f in feed], device=ids.device)
+    before = mask[index, :-1]  # (R, T - 1): what the cache holds
+    start = before.sum(1, keepdim=True)  # each row's context length minus one
+    kw = task_kw(model, [task for _, _, task in members])
+    if cache is not None:
+        cache.reorder_cache(index)  # one cache row per continuation
+        kw["cache"] = cache
+    out = model(
+        input_ids=fed,
+        attention_mask=torch.cat([before, new], dim=1) if cache is not None else new,
+        position_ids=start + torch.arange(width, device=ids.device)[None],  # (R, width)
+        **kw,
+    )
+    logp = out.logits.float().log_softmax(-1)  # (R, width, V)
+    return [
+        Scored(*_take(logp[j, : len(cont)], cont, top)) for j, (_, cont, _) in enumerate(members)
+    ]
+
+
+@torch.no_grad()
 def score_continuations(
     model: nn.Module,
     pad_id: int,
@@ -110,46 +171,11 @@ def score_continuations(
     for start in tqdm(range(0, len(keys), batch_size), desc=desc, unit="batch", leave=False):
         chunk = keys[start : start + batch_size]
         ids, mask = left_pad([list(k[0]) for k in chunk], pad_id, device)  # (B, T)
-        kw = task_kw(model, [k[1] for k in chunk])
-        if accepts_logits_to_keep(model):  # the last position only, not (B, T, V)
-            kw["logits_to_keep"] = 1
-        run = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids(mask),
-            use_cache=True,
-            **kw,
-        )
-        first = run.logits[:, -1].float().log_softmax(-1)  # (B, V): predicts token 0
+        cache = prefill(model, ids, mask, [k[1] for k in chunk])
         members = [(row, i) for row, k in enumerate(chunk) for i in groups[k]]
-        rest = _continue(model, run.cache, mask, members, pairs, tasks, pad_id)
-        for j, (row, i) in enumerate(members):
-            cont = pairs[i][1]
-            logp = first[row][None] if rest is None else torch.cat([first[row][None], rest[j]])
-            scores, greedy, alts = _take(logp[: len(cont)], cont, top)
-            out[i] = Scored(scores, greedy, alts)
+        scored = score_after(
+            model, cache, ids, mask, [(r, pairs[i][1], tasks[i]) for r, i in members], pad_id, top
+        )
+        for (_, i), result in zip(members, scored, strict=True):
+            out[i] = result
     return out  # type: ignore[return-value]
-
-
-def _continue(model, cache, mask, members, pairs, tasks, pad_id) -> torch.Tensor | None:
-    """Log-probs (rows, L - 1, V) predicting continuation tokens 1.. from the cache."""
-    width = max(len(pairs[i][1]) for _, i in members) - 1
-    if width == 0:
-        return None
-    rows = [row for row, _ in members]
-    cache.reorder_cache(torch.tensor(rows, device=mask.device))  # a cache row per continuation
-    feed = [pairs[i][1][:-1] for _, i in members]  # token j predicts token j + 1
-    ids = torch.tensor([f + [pad_id] * (width - len(f)) for f in feed], device=mask.device)
-    new = torch.tensor([[1] * len(f) + [0] * (width - len(f)) for f in feed], device=mask.device)
-    full = torch.cat([mask[rows], new], dim=1)  # (R, T + width)
-    start = mask[rows].sum(1, keepdim=True)  # each row's context length
-    positions = start + torch.arange(width, device=mask.device)[None]  # (R, width)
-    out = model(
-        input_ids=ids,
-        attention_mask=full,
-        position_ids=positions,
-        cache=cache,
-        use_cache=True,
-        **task_kw(model, [tasks[i] for _, i in members]),
-    )
-    return out.logits.float().log_softmax(-1)
