@@ -134,7 +134,7 @@ def test_eval_report_and_compare(tmp_path, model_path, capsys):
         assert main(["eval", str(folder / "run"), "--base"]) == 0
         runs.append(folder / "run")
     out = capsys.readouterr().out
-    assert "test scores" in out and "mmlu" in out
+    assert "test scores" in out and "MMLU accuracy" in out and "95% intervals" in out
     results = json.loads((runs[0] / "eval" / "results.json").read_text())
     assert set(results["model"]["tasks"]) == {"reverse", "upper"}
     assert results["model"]["tasks"]["reverse"]["n"] == 5  # 10% of 48 records, under the cap of 6

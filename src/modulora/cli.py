@@ -128,22 +128,28 @@ def _cost_cells(cost: dict) -> list[str]:
 
 def _eval(args) -> None:
     from .eval_run import evaluate_run
-    from .report import score_rows
+    from .report import PROBES, probe_cell, score_rows
 
     forgetting = False if args.no_forgetting else None
     results = evaluate_run(args.run_dir, args.tasks, args.base, forgetting, args.set)
-    table = Table(title=f"{results['method']}: test scores (%)")
-    for col in ("task", "metric", "base", "run", "change"):
-        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
-    for row in score_rows(results):
-        table.add_row(*(c.replace("**", "") for c in row))
     console = _console()
-    console.print(table)
-    for key in ("mmlu", "perplexity"):
+    views = [("tasks", None, "generated answers"), ("tasks", "likelihood", "by likelihood")]
+    if results["model"].get("task_free"):
+        views.append(("task_free", None, "task-free routing"))
+    for key, mode, what in views:
+        rows = score_rows(results, key, mode)
+        if len(rows) < 2:  # the average alone: no task scored this way
+            continue
+        table = Table(title=f"{results['method']}: test scores (%), {what}, 95% intervals")
+        for col in ("task", "metric", "base", "run", "change"):
+            table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+        for row in rows:
+            table.add_row(*(c.replace("**", "") for c in row))
+        console.print(table)
+    for key, label, digits in PROBES:
         if key in results["model"]:
-            base = (results.get("base") or {}).get(key)
-            was = f" (base {base:.2f})" if base is not None else ""
-            console.print(f"{key}: {results['model'][key]:.2f}{was}")
+            base = probe_cell(results.get("base"), key, digits)
+            console.print(f"{label}: {probe_cell(results['model'], key, digits)} (base {base})")
     console.print(f"report: {args.run_dir}/eval/report.md")
 
 
