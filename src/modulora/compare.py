@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .metrics import difference, interval, resample, task_seed
-from .report import PROBES, cell, fmt, md_table, mean, plt, probe_cell
+from .report import PROBES, cell, fmt, md_table, mean, plt, probe_cell, task_entry
 
 
 def _load(run_dir: str | Path) -> dict:
@@ -31,11 +31,6 @@ def _load(run_dir: str | Path) -> dict:
     cost = Path(run_dir) / "cost.json"
     results["cost"] = json.loads(cost.read_text(encoding="utf-8")) if cost.is_file() else None
     return results
-
-
-def _entry(scores: dict, task: str, mode: str | None) -> dict | None:
-    entry = scores.get(task)
-    return entry.get(mode) if entry and mode else entry
 
 
 def _samples(entry: dict | None, metric: str, task: str) -> np.ndarray | None:
@@ -60,20 +55,20 @@ def _score_table(
     """One row per task and the average; ``columns`` are (name, task scores), tested
     against column ``ref``."""
     metrics = {t: next(s[t]["metric"] for _, s in columns if t in s) for t in tasks}
-    tasks = [t for t in tasks if any(_entry(s, t, mode) for _, s in columns)]
+    tasks = [t for t in tasks if any(task_entry(s, t, mode) for _, s in columns)]
     if not tasks:
         return ""
     rows = []
     for t in tasks:
-        reference = _entry(columns[ref][1], t, mode)
+        reference = task_entry(columns[ref][1], t, mode)
         ref_samples = _samples(reference, metrics[t], t)
         row = [t]
         for _, scores in columns:
-            entry = _entry(scores, t, mode)
-            mark = _mark(entry, reference, _samples(entry, metrics[t], t), ref_samples)
-            row.append(cell(entry) + mark)
+            found = task_entry(scores, t, mode)
+            mark = _mark(found, reference, _samples(found, metrics[t], t), ref_samples)
+            row.append(cell(found) + mark)
         rows.append(row)
-    common = [t for t in tasks if all(_entry(s, t, mode) for _, s in columns)]
+    common = [t for t in tasks if all(task_entry(s, t, mode) for _, s in columns)]
     rows.append([_average_label(common, tasks), *_averages(columns, common, mode, metrics, ref)])
     return md_table(["task", *(name for name, _ in columns)], rows)
 
@@ -88,7 +83,7 @@ def _averages(columns, common: list[str], mode, metrics, ref: int) -> list[str]:
         return ["-"] * len(columns)
     values, draws = [], []
     for _, scores in columns:
-        entries = [_entry(scores, t, mode) for t in common]
+        entries = [task_entry(scores, t, mode) for t in common]
         values.append(mean(e["score"] for e in entries))
         samples = [_samples(e, metrics[t], t) for e, t in zip(entries, common, strict=True)]
         draws.append(None if any(s is None for s in samples) else np.mean(samples, axis=0))

@@ -51,6 +51,12 @@ def mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def task_entry(scores: dict, task: str, mode: str | None = None) -> dict | None:
+    """A task's scores; ``mode="likelihood"``: its likelihood scores (None where absent)."""
+    found = scores.get(task)
+    return found.get(mode) if found and mode else found
+
+
 def score_rows(results: dict, key: str = "tasks", mode: str | None = None) -> list[list[str]]:
     """Rows task | metric | base | run | change, then the average.
 
@@ -58,19 +64,15 @@ def score_rows(results: dict, key: str = "tasks", mode: str | None = None) -> li
     ``mode="likelihood"`` the classification tasks' likelihood scores.
     """
 
-    def pick(scores: dict, task: str) -> dict | None:
-        entry = scores.get(task)
-        return entry.get(mode) if entry and mode else entry
-
     model, base = results["model"][key], (results.get("base") or {}).get("tasks", {})
-    tasks = [t for t in model if pick(model, t)]
+    tasks = [t for t in model if task_entry(model, t, mode)]
     rows = []
     for task in tasks:
-        m, b = pick(model, task), pick(base, task)
+        m, b = task_entry(model, task, mode), task_entry(base, task, mode)
         delta = None if b is None else m["score"] - b["score"]
         rows.append([task, model[task]["metric"], cell(b), cell(m), fmt(delta)])
-    avg_b = mean((pick(base, t) or {}).get("score") for t in tasks) if base else None
-    avg_m = mean(pick(model, t)["score"] for t in tasks)
+    avg_b = mean((task_entry(base, t, mode) or {}).get("score") for t in tasks) if base else None
+    avg_m = mean(task_entry(model, t, mode)["score"] for t in tasks)
     delta = None if avg_b is None or avg_m is None else avg_m - avg_b
     rows.append(["**average**", "", fmt(avg_b), fmt(avg_m), fmt(delta)])
     return rows
