@@ -62,8 +62,12 @@ def score_answers(
 ) -> dict:
     """Score, 95% bootstrap interval (seeded by task) and the per-example statistics
     (which ``compare`` resamples for paired tests)."""
-    stats = example_stats(metric, predictions, references, labels)
-    low, high = bootstrap_ci(metric, stats, task_seed(task))
+    return _with_interval(metric, example_stats(metric, predictions, references, labels), task)
+
+
+def _with_interval(metric: str, stats: np.ndarray, seed_name: str) -> dict:
+    """``{"score", "ci", "stats"}`` of per-example statistics (bootstrap seeded by name)."""
+    low, high = bootstrap_ci(metric, stats, task_seed(seed_name))
     return {"score": aggregate(metric, stats), "ci": [low, high], "stats": stats.tolist()}
 
 
@@ -109,16 +113,17 @@ def score_probes(model, tokenizer, cfg: EvalConfig, max_length: int) -> dict:
         questions = _jsonl(cfg.mmlu, cfg.probe_examples)
         picked = mmlu_predictions(model, tokenizer, questions, task, cfg.batch_size)
         hits = np.array([[float(p == q["answer"])] for p, q in zip(picked, questions, strict=True)])
-        out["mmlu"] = aggregate("exact", hits)
-        out["mmlu_ci"] = list(bootstrap_ci("exact", hits, task_seed("mmlu")))
-        out["mmlu_stats"] = hits.tolist()
+        out |= _probe("mmlu", _with_interval("exact", hits, "mmlu"))
     if cfg.text:
         texts = [r["text"] for r in _jsonl(cfg.text, cfg.text_examples or cfg.probe_examples)]
         losses = np.array(text_losses(model, tokenizer, texts, task, max_length, cfg.batch_size))
-        out["perplexity"] = aggregate("perplexity", losses)
-        out["perplexity_ci"] = list(bootstrap_ci("perplexity", losses, task_seed("perplexity")))
-        out["perplexity_stats"] = losses.tolist()
+        out |= _probe("perplexity", _with_interval("perplexity", losses, "perplexity"))
     return out
+
+
+def _probe(name: str, scored: dict) -> dict:
+    """A probe's keys in the results: ``name``, ``name_ci``, ``name_stats``."""
+    return {name: scored["score"], f"{name}_ci": scored["ci"], f"{name}_stats": scored["stats"]}
 
 
 def model_after(folder: RunFolder, keys: list[str], base, seed: int) -> MixtureModel:

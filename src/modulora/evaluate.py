@@ -80,8 +80,7 @@ def answer(
         if label_ids:  # scoring reorders the cache it reads: give it a copy
             members = [(row, lab, tasks[row]) for row in range(len(chunk)) for lab in label_ids]
             scored = score_after(model, copy.deepcopy(cache), ids, mask, members, pad)
-            totals = torch.tensor([s.total for s in scored]).reshape(len(chunk), len(label_ids))
-            chosen += [labels[k] for k in totals.argmax(-1).tolist()]
+            chosen += [labels[k] for k in _best(scored, len(label_ids))]
         new = generate_batch(model, tokenizer, prompts, routes, max_new_tokens, cache=cache)
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         answers += [t.strip().split("\n")[0].strip() for t in texts]
@@ -101,7 +100,12 @@ def choose(
     pairs = [(p, c) for p in prompts for c in choices]
     per_pair = None if tasks is None else [t for t in tasks for _ in choices]
     scored = score_continuations(model, pad_id, pairs, per_pair, batch_size, desc=desc)
-    totals = torch.tensor([s.total for s in scored]).reshape(len(prompts), len(choices))
+    return _best(scored, len(choices))
+
+
+def _best(scored: list, choices: int) -> list[int]:
+    """Scores laid out prompt by prompt, ``choices`` each -> each prompt's best choice."""
+    totals = torch.tensor([s.total for s in scored]).reshape(-1, choices)  # (prompts, choices)
     return totals.argmax(-1).tolist()
 
 
